@@ -1,0 +1,40 @@
+"""nasiam-hf: NASiam (differentiable architecture search for siamese SSL heads) in the Hugging Face format."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+
+from .configuration_nasiam import FRAMEWORKS, NASiamConfig
+from .modeling_nasiam import (
+    NASiamForArchitectureSearch,
+    NASiamForPreTraining,
+    NASiamModel,
+    NASiamPreTrainedModel,
+    NASiamPreTrainingOutput,
+)
+from .presets import PRESETS
+from .search_space import OPS, SEARCH_SPACES, Genotype, register_op, register_search_space
+
+__version__ = "0.1.0"
+
+AutoConfig.register("nasiam", NASiamConfig, exist_ok=True)
+AutoModel.register(NASiamConfig, NASiamModel, exist_ok=True)
+AutoModelForPreTraining.register(NASiamConfig, NASiamForPreTraining, exist_ok=True)
+# Saved folders carry the modeling code too, so they also load with trust_remote_code=True without this package.
+NASiamConfig.register_for_auto_class()
+NASiamModel.register_for_auto_class("AutoModel")
+NASiamForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+
+__all__ = [
+    "FRAMEWORKS",
+    "OPS",
+    "PRESETS",
+    "SEARCH_SPACES",
+    "Genotype",
+    "NASiamConfig",
+    "NASiamForArchitectureSearch",
+    "NASiamForPreTraining",
+    "NASiamModel",
+    "NASiamPreTrainedModel",
+    "NASiamPreTrainingOutput",
+    "register_op",
+    "register_search_space",
+]

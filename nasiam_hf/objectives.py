@@ -1,0 +1,148 @@
+"""The four siamese objectives and their state (MoCo queue, momentum updates), correct under several processes.
+
+Losses run in float32 whatever the autocast dtype. Anything that changes state (EMA updates, queue writes) is an
+explicit call, made by the trainer after a weight step and never during an architecture step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+FRAMEWORKS = ("simsiam", "simclr", "mocov2", "byol")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends every rank the summed gradient of its own slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack(grads)
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank (rank order) keeping the autograd graph; a no-op on one process."""
+    if _world()[1] == 1:
+        return x
+    return torch.cat(_AllGatherWithGrad.apply(x))
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    if _world()[1] == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """D(p, z) = -cos(p, stopgrad(z)), averaged over the batch (the paper's Eq. 3)."""
+    return -F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
+
+
+def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """Symmetric SimSiam loss (the paper's Eq. 2): in [-1, 1], -1 when predictions match the other view."""
+    return 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
+
+
+def byol_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
+    """BYOL's symmetric regression loss, sum over both directions of ``2 - 2 cos(p, target)``: in [0, 8]."""
+    return 4 + 2 * (negative_cosine(p1, t2) + negative_cosine(p2, t1))
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over the global batch: local queries against the keys of every rank.
+
+    Keys are gathered with their gradient; the positive of local sample ``i`` sits at ``rank * B + i`` of the other
+    view's gathered block, so a run on W processes equals one process on the W-times larger batch.
+    """
+    rank, world = _world()
+    batch = z1.shape[0]
+    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    keys = torch.cat([gather_with_grad(z1), gather_with_grad(z2)])  # (2 * W * B, D)
+    queries = torch.cat([z1, z2])  # (2 * B, D)
+    logits = queries @ keys.T / temperature
+    local = rank * batch + torch.arange(batch, device=z1.device)
+    half = world * batch
+    self_index = torch.cat([local, local + half])
+    positive = torch.cat([local + half, local])
+    rows = torch.arange(2 * batch, device=z1.device)
+    logits[rows, self_index] = float("-inf")
+    return F.cross_entropy(logits, positive)
+
+
+def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo's InfoNCE: each query against its key (positive) and the queue's keys (negatives); inputs normalised."""
+    positive = (q * k).sum(dim=1, keepdim=True)
+    negative = q @ queue.T
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def mocov2_loss(q1, q2, k1, k2, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric MoCo v2 loss: each view's query against the other view's momentum key."""
+    q1, q2 = F.normalize(q1.float(), dim=1), F.normalize(q2.float(), dim=1)
+    k1, k2 = F.normalize(k1.float(), dim=1), F.normalize(k2.float(), dim=1)
+    queue = queue.float()
+    return 0.5 * (info_nce_loss(q1, k2, queue, temperature) + info_nce_loss(q2, k1, queue, temperature))
+
+
+def collapse_std(z: torch.Tensor) -> torch.Tensor:
+    """Std over the batch of the l2-normalised outputs, averaged over channels.
+
+    About ``1/sqrt(dim)`` for well-spread outputs and 0 for a collapsed (constant) output, as in the SimSiam paper.
+    """
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
+
+
+class MoCoQueue(nn.Module):
+    """A ring buffer of normalised keys; writes take keys from every rank so all ranks hold the same queue."""
+
+    def __init__(self, dim: int, size: int):
+        super().__init__()
+        self.register_buffer("keys", torch.zeros(size, dim))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        keys = F.normalize(gather_no_grad(keys).float(), dim=1)
+        size = self.keys.shape[0]
+        keys = keys[-size:]
+        index = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % size
+        self.keys[index] = keys.to(self.keys.dtype)
+        self.ptr.copy_((self.ptr + keys.shape[0]) % size)
+
+
+@torch.no_grad()
+def ema_update(online: Iterable[torch.Tensor], target: Iterable[torch.Tensor], momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * online, for parameters listed in the same order."""
+    online, target = list(online), list(target)
+    if len(online) != len(target):
+        raise ValueError(f"EMA needs matching parameter lists, got {len(online)} and {len(target)}")
+    torch._foreach_lerp_(target, online, 1.0 - momentum)
+
+
+def cosine_momentum(base: float, progress: float) -> float:
+    """BYOL's schedule: ``base`` at the start, rising to 1 at the end along a half cosine."""
+    progress = min(max(progress, 0.0), 1.0)
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
