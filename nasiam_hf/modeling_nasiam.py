@@ -8,6 +8,7 @@
 
 import copy
 import math
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from transformers.utils import ModelOutput
 
 from .backbones import ResNetTrunk
 from .configuration_nasiam import NASiamConfig
+from .fileio import publish_files, staging_dir
 from .heads import MLPHead, SearchCell
 from .objectives import (
     MoCoQueue,
@@ -54,6 +56,23 @@ class NASiamPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     # A pretraining checkpoint loads into every head class; its momentum copies and queue are not needed there.
     _keys_to_ignore_on_load_unexpected = [r"^momentum_(backbone|projector)\.", r"^queue\."]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained`` through a staging folder: a kill mid-save leaves the old files intact.
+
+        The config's ``auto_map`` names every registered head class, so the folder also loads with
+        ``trust_remote_code=True`` where nasiam_hf is not installed.
+        """
+        if kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.auto_map = auto_map()
+        staged = staging_dir(save_directory)
+        try:
+            super().save_pretrained(staged, *args, **kwargs)
+            publish_files(staged, save_directory)
+        finally:
+            if staged.exists():
+                shutil.rmtree(staged, ignore_errors=True)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Conv2d):
@@ -286,6 +305,14 @@ class NASiamForArchitectureSearch(NASiamForPreTraining):
         values["predictor_genotype"] = genotype.get("predictor")
         values.update(overrides)
         return NASiamConfig(**values)
+
+
+def auto_map() -> dict[str, str]:
+    """Auto classes of every NASiam class registered with ``register_for_auto_class``."""
+    classes = [c for c in globals().values() if isinstance(c, type) and issubclass(c, NASiamPreTrainedModel)]
+    mapping = {"AutoConfig": "configuration_nasiam.NASiamConfig"}
+    mapping.update({c._auto_class: f"modeling_nasiam.{c.__name__}" for c in classes if c.__dict__.get("_auto_class")})
+    return mapping
 
 
 __all__ = [

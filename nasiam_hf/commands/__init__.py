@@ -1,0 +1,1 @@
+"""Command-line entry points (``nasiam-search``, ``nasiam-pretrain``, ...); ``training/*.py`` are thin wrappers."""
