@@ -307,6 +307,140 @@ class NASiamForArchitectureSearch(NASiamForPreTraining):
         return NASiamConfig(**values)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Downstream heads: image classification and a detection/segmentation backbone.
+# (Imported here, next to the classes that use them, so this part of the file stays self-contained.)
+# ---------------------------------------------------------------------------------------------------------------------
+from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutputWithNoAttention  # noqa: E402
+
+try:  # transformers >= 5.20 moved the backbone helpers to the top level
+    from transformers.backbone_utils import BackboneMixin  # noqa: E402
+except ImportError:  # pragma: no cover - older 5.x
+    from transformers.utils.backbone_utils import BackboneMixin  # noqa: E402
+
+from .backbones import stage_channels  # noqa: E402
+
+# Keys of a NASiam checkpoint that a downstream model does not use: the SSL heads (with or without the "nasiam."
+# prefix, depending on which class saved the checkpoint) and, for the backbone, a fine-tuned classifier.
+_HEAD_KEYS = r"^(nasiam\.)?(projector|predictor)\."
+
+
+class NASiamEncoder(NASiamModel):
+    """:class:`NASiamModel` without the projector and predictor: the feature extractor the downstream heads wrap.
+
+    Its weights have the same names as a :class:`NASiamModel`'s backbone (``backbone.*``), so any NASiam checkpoint
+    fills it; the SSL heads of that checkpoint are skipped without a warning.
+    """
+
+    _keys_to_ignore_on_load_unexpected = [*NASiamPreTrainedModel._keys_to_ignore_on_load_unexpected, _HEAD_KEYS]
+
+    def _build_head(self, config: NASiamConfig, cell: str) -> None:
+        return None
+
+
+class NASiamForImageClassification(NASiamPreTrainedModel):
+    """A NASiam backbone with a linear classifier on its pooled features (``pooler_output``).
+
+    ``from_pretrained`` of any NASiam folder (``NASiamModel``, ``NASiamForPreTraining``, or a classifier) keeps the
+    backbone weights; the classifier is new unless the folder holds one of the same shape. The projector and
+    predictor are not part of this model (they only serve pretraining), so they are neither loaded nor saved.
+    ``num_labels``, ``id2label`` and ``label2id`` come from the config (pass them to ``from_pretrained``); the loss
+    follows ``config.problem_type`` (cross-entropy for single-label classification, BCE for multi-label, MSE for
+    regression), as in transformers' other image classifiers.
+
+    :meth:`freeze_backbone` trains the classifier only, with the backbone's BatchNorm statistics frozen as well.
+    """
+
+    _keys_to_ignore_on_load_unexpected = [*NASiamPreTrainedModel._keys_to_ignore_on_load_unexpected, _HEAD_KEYS]
+
+    def __init__(self, config: NASiamConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.nasiam = NASiamEncoder(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self._backbone_frozen = False
+        self.post_init()
+
+    def freeze_backbone(self, freeze: bool = True) -> "NASiamForImageClassification":
+        """Stop (or resume, ``freeze=False``) training the backbone: no gradients, BatchNorm in eval mode."""
+        self._backbone_frozen = freeze
+        for parameter in self.nasiam.parameters():
+            parameter.requires_grad_(not freeze)
+        self.train(self.training)
+        return self
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self._backbone_frozen
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "_backbone_frozen", False):
+            self.nasiam.eval()
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutputWithNoAttention | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.nasiam(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(outputs.pooler_output)
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        if not return_dict:
+            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+class NASiamBackbone(BackboneMixin, NASiamPreTrainedModel):
+    """The ResNet trunk as a transformers backbone (``AutoBackbone``), for DETR, Mask2Former, UperNet and the like.
+
+    Returns :class:`~transformers.modeling_outputs.BackboneOutput` whose ``feature_maps`` are the maps of the stages
+    named by ``config.out_features`` / ``config.out_indices`` among ``["stem", "stage1", ..., "stage4"]``;
+    ``num_features`` gives the channels of every stage (torchvision's: 64, 64, 128, 256, 512 for ResNet-18/34 and
+    64, 256, 512, 1024, 2048 for ResNet-50). Its weights are named like a :class:`NASiamModel`'s backbone
+    (``backbone.*``), so ``from_pretrained`` of any NASiam folder loads them.
+    """
+
+    has_attentions = False
+    _keys_to_ignore_on_load_unexpected = [
+        *NASiamPreTrainedModel._keys_to_ignore_on_load_unexpected, _HEAD_KEYS, r"^classifier\.",
+    ]
+
+    def __init__(self, config: NASiamConfig):
+        super().__init__(config)
+        if getattr(self, "stage_names", None) is None and hasattr(self, "_init_backbone"):  # mixins of older 5.x
+            self._init_backbone(config)
+        self.backbone = ResNetTrunk(config.backbone, config.cifar_stem, config.num_channels)
+        self.num_features = stage_channels(config.backbone)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        maps = self.backbone.forward_stages(pixel_values)
+        wanted = set(self.out_features)
+        feature_maps = tuple(m for name, m in zip(self.stage_names, maps) if name in wanted)
+        hidden_states = tuple(maps) if output_hidden_states else None
+        if not return_dict:
+            return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=None)
+
+
 def auto_map() -> dict[str, str]:
     """Auto classes of every NASiam class registered with ``register_for_auto_class``."""
     classes = [c for c in globals().values() if isinstance(c, type) and issubclass(c, NASiamPreTrainedModel)]
@@ -321,4 +455,7 @@ __all__ = [
     "NASiamForPreTraining",
     "NASiamForArchitectureSearch",
     "NASiamPreTrainingOutput",
+    "NASiamEncoder",
+    "NASiamForImageClassification",
+    "NASiamBackbone",
 ]

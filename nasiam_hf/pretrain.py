@@ -215,7 +215,10 @@ def write_pretraining_outputs(model: NASiamForPreTraining, history: dict, output
     """The model folder (weights, config, processor), history, plots, arguments and the model card."""
     from .hub import plot_genotype, plot_training_history, save_run_metadata, write_model_card
 
+    from .processing import image_processor_for_splits
+
     model.nasiam.save_pretrained(output_dir)
+    image_processor_for_splits(splits).save_pretrained(output_dir)
     atomic_write_json(output_dir / "training_history.json", history)
     save_run_metadata(output_dir, args)
     plot_training_history(history, output_dir)

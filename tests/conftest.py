@@ -28,3 +28,46 @@ def cifar_subset():
     if not train.exists():
         pytest.skip(f"shared CIFAR-10 subset not found at {SHARED_DATA}")
     return train, test
+
+
+def write_image_parquet(path, num_images: int, size: int = 16, num_classes: int = 4, seed: int = 0):
+    """A small labelled image dataset as a real parquet file (PNG bytes + ClassLabel), like the Hub's CIFAR files.
+
+    Each class has its own colour with per-image noise and a random square, so a little training can separate them.
+    """
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(40, 215, size=(num_classes, 3))
+    images, labels = [], []
+    for i in range(num_images):
+        label = i % num_classes
+        pixels = np.clip(palette[label] + rng.normal(0, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
+        x, y = rng.integers(0, size // 2, size=2)
+        pixels[y: y + size // 3, x: x + size // 3] = 255 - palette[label]
+        images.append(Image.fromarray(pixels))
+        labels.append(label)
+    features = datasets.Features(
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=[f"class_{c}" for c in range(num_classes)])}
+    )
+    datasets.Dataset.from_dict({"img": images, "label": labels}, features=features).to_parquet(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_parquet(tmp_path_factory):
+    """(train, test) parquet files: 48 and 16 images of 16x16 pixels, 4 classes."""
+    folder = tmp_path_factory.mktemp("tiny-data")
+    return (write_image_parquet(folder / "train.parquet", 48, seed=0),
+            write_image_parquet(folder / "test.parquet", 16, seed=1))
+
+
+def run_cli(args, timeout=600, env=None, cwd=None):
+    """Run a command line as a subprocess, offline, returning the CompletedProcess (stdout+stderr kept)."""
+    import subprocess
+
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": "2", **(env or {})}
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO_ROOT)

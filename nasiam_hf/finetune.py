@@ -1,0 +1,304 @@
+"""Fine-tuning a NASiam backbone for image classification (the engine of ``nasiam-finetune``).
+
+``NASiamForImageClassification.from_pretrained(--model_name_or_path)`` with the dataset's labels, then SGD (momentum
+0.9, cosine schedule with optional warmup, learning rate scaled by ``global batch / 256``) on light augmentation
+(random crop + flip), evaluated every epoch on the un-augmented evaluation split. The classifier's learning rate is
+``--classifier_lr_multiplier`` times the backbone's (a new layer next to pretrained ones); ``--freeze_backbone``
+trains the classifier alone with the backbone's BatchNorm statistics frozen (a linear probe on images).
+
+SGD rather than AdamW: it is what the ResNet literature and NASiam's own evaluations use for ResNets, and the same
+recipe then serves both full fine-tuning and the frozen probe.
+
+Outputs in ``--output_dir``: the classifier (``config.json`` with ``id2label``, ``model.safetensors``), its image
+processor, ``finetune_history.json``, ``eval_results.json`` (``{"fine_tuning": {...}}``), ``training_args.json`` and a
+model card; resumable checkpoints under ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .fileio import atomic_write_json
+
+HISTORY_FILE = "finetune_history.json"
+EVAL_RESULTS_FILE = "eval_results.json"
+
+
+def load_classifier(model_name_or_path: str, num_labels: int, id2label: dict[int, str], label2id: dict[str, int],
+                    **kwargs):
+    """``NASiamForImageClassification.from_pretrained`` with new labels: backbone kept, classifier new unless the
+    folder holds one of the same shape (a classifier of another size is replaced, not an error)."""
+    from .modeling_nasiam import NASiamForImageClassification
+
+    return NASiamForImageClassification.from_pretrained(
+        model_name_or_path, num_labels=num_labels, id2label=id2label, label2id=label2id,
+        ignore_mismatched_sizes=True, **kwargs,
+    )
+
+
+def build_finetune_optimizer(model, lr: float, weight_decay: float, classifier_lr_multiplier: float,
+                             momentum: float = 0.9) -> torch.optim.SGD:
+    """SGD over the trainable parameters: the backbone at ``lr`` (group 0, absent when frozen), the classifier at
+    ``lr * classifier_lr_multiplier`` (last group)."""
+    classifier = [p for p in model.classifier.parameters() if p.requires_grad]
+    classifier_ids = {id(p) for p in classifier}
+    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in classifier_ids]
+    groups = []
+    if backbone:
+        groups.append({"params": backbone, "lr": lr})
+    groups.append({"params": classifier, "lr": lr * classifier_lr_multiplier})
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, loader, accelerator) -> dict[str, float | None]:
+    """Top-1 (and top-5 with at least 5 classes) accuracy in % and mean loss over ``loader``, gathered from every
+    rank with ``gather_for_metrics`` (duplicates of the last batch dropped)."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = seen = 0
+    loss_sum = 0.0
+    try:
+        for batch in loader:
+            with accelerator.autocast():
+                logits = model(pixel_values=batch["pixel_values"]).logits
+            logits, labels = accelerator.gather_for_metrics((logits.float().contiguous(), batch["labels"]))
+            loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            correct1 += (top[:, 0] == labels).sum().item()
+            correct5 += (top == labels[:, None]).any(dim=1).sum().item()
+            seen += labels.numel()
+    finally:
+        model.train(was_training)
+    num_labels = accelerator.unwrap_model(model).config.num_labels
+    return {
+        "top1": 100.0 * correct1 / max(seen, 1),
+        "top5": 100.0 * correct5 / max(seen, 1) if num_labels >= 5 else None,
+        "loss": loss_sum / max(seen, 1),
+        "samples": seen,
+    }
+
+
+def _mean_over_ranks(accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    tensor = torch.tensor([value], device=accelerator.device, dtype=torch.float32)
+    return accelerator.reduce(tensor, reduction="mean").item()
+
+
+def _hub_model_id(path: str) -> str | None:
+    """The base model for the card's metadata: only a Hub id, never a local path."""
+    return None if os.path.exists(path) or path.count("/") != 1 else path
+
+
+def run_finetune(args: argparse.Namespace) -> Path:
+    from .data import make_loader, splits_from_args, view_dataset_for
+    from .hub import push_folder_to_hub
+    from .trainer import (
+        Checkpointer, StepLoop, build_cosine_schedule, check_finite, guard_output_dir, make_accelerator,
+        prepare_model_layout,
+    )
+
+    accelerator = make_accelerator(args)
+    splits = splits_from_args(args)
+    guard_output_dir(args, accelerator)
+    model = load_classifier(args.model_name_or_path, splits.num_labels, splits.id2label, splits.label2id)
+    config = model.config
+    if config.cifar_stem != (splits.policy == "cifar"):
+        accelerator.print(
+            f"warning: the backbone has the {'CIFAR' if config.cifar_stem else 'ImageNet'} stem but the data follows "
+            f"the {splits.policy} policy ({splits.image_size}px); features may transfer poorly"
+        )
+    config.image_size = splits.image_size
+    if args.freeze_backbone:
+        model.freeze_backbone()
+    model = prepare_model_layout(model, accelerator, args.channels_last)
+
+    batch = args.per_device_train_batch_size
+    workers = args.dataloader_num_workers
+    train_set = view_dataset_for(splits, "train", "light", seed=args.seed, augment=not args.no_augmentation)
+    train_loader = make_loader(train_set, batch, shuffle=True, seed=args.seed, drop_last=len(train_set) > batch,
+                               num_workers=workers)
+    eval_loader = None
+    if splits.eval is not None:
+        eval_loader = make_loader(view_dataset_for(splits, "eval", "eval"), args.per_device_eval_batch_size,
+                                  shuffle=False, num_workers=workers)
+    else:
+        accelerator.print("no evaluation split found: accuracy is not measured (pass --validation_file/_dir)")
+
+    global_batch = batch * accelerator.num_processes
+    lr = args.learning_rate * global_batch / 256
+    optimizer = build_finetune_optimizer(model, lr, args.weight_decay, args.classifier_lr_multiplier)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(
+        f"finetune: {config.backbone} ({'frozen' if args.freeze_backbone else 'trained'} backbone), "
+        f"{splits.num_labels} classes, {len(splits.train)} train images, {trainable:,} trainable parameters, "
+        f"global batch {global_batch}, lr {lr:.4g} (classifier x{args.classifier_lr_multiplier:g})"
+    )
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    total_steps = args.max_train_steps or args.num_train_epochs * len(train_loader)
+    scheduler = accelerator.prepare(
+        build_cosine_schedule(optimizer, accelerator, args, len(train_loader), total_steps)
+    )
+    if args.with_tracking:
+        accelerator.init_trackers("nasiam-finetune", {k: v for k, v in vars(args).items()
+                                                      if isinstance(v, (int, float, str, bool))})
+
+    checkpointer = Checkpointer(accelerator, args.output_dir, args.checkpoints_total_limit)
+    state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "running": [0.0, 0, 0, 0],
+                             "history": {"epochs": []}}
+    resume = checkpointer.resolve(args.resume_from_checkpoint)
+    if resume is not None:
+        state = checkpointer.load(resume)
+        accelerator.print(f"resumed from {resume} (epoch {state['epoch']}, step {state['global_step']})")
+    output_dir = Path(args.output_dir)
+    timer = {"start": time.perf_counter()}
+
+    def on_epoch_end(epoch: int) -> None:
+        loss_sum, steps, correct, seen = state["running"]
+        record = {"epoch": epoch, "loss": _mean_over_ranks(accelerator, loss_sum / max(steps, 1)),
+                  "train_top1": 100.0 * _mean_over_ranks(accelerator, correct / max(seen, 1)),
+                  "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - timer["start"]}
+        if eval_loader is not None:
+            metrics = evaluate_accuracy(model, eval_loader, accelerator)
+            record.update({"eval_top1": metrics["top1"], "eval_top5": metrics["top5"], "eval_loss": metrics["loss"]})
+        state["history"]["epochs"].append(record)
+        state["running"] = [0.0, 0, 0, 0]
+        accelerator.print(
+            f"epoch {epoch}: loss {record['loss']:.4f}, train top-1 {record['train_top1']:.2f}%"
+            + (f", eval top-1 {record['eval_top1']:.2f}%" if "eval_top1" in record else "")
+        )
+        if args.with_tracking:
+            accelerator.log({k: v for k, v in record.items() if k != "epoch" and v is not None},
+                            step=state["global_step"])
+        if accelerator.is_main_process:
+            atomic_write_json(output_dir / HISTORY_FILE, state["history"])
+        timer["start"] = time.perf_counter()
+
+    loop = StepLoop(accelerator, args, train_loader, state, total_steps, checkpointer, on_epoch_end, desc="finetune")
+    model.train()
+    for epoch, batch_data in loop:
+        where = f"epoch {epoch}, step {state['global_step'] + 1}"
+        with accelerator.autocast():
+            out = model(pixel_values=batch_data["pixel_values"], labels=batch_data["labels"])
+        check_finite(out.loss, where, checkpointer)
+        accelerator.backward(out.loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = out.loss.item()
+        state["running"][0] += loss_value
+        state["running"][1] += 1
+        state["running"][2] += (out.logits.argmax(dim=1) == batch_data["labels"]).sum().item()
+        state["running"][3] += batch_data["labels"].numel()
+        loop.set_postfix(loss=f"{loss_value:.4f}")
+
+    if accelerator.is_main_process:
+        write_finetune_outputs(accelerator.unwrap_model(model), state["history"], output_dir, args, splits)
+        accelerator.print(f"classifier saved to {output_dir} (AutoModelForImageClassification.from_pretrained)")
+    accelerator.wait_for_everyone()
+    if args.push_to_hub and accelerator.is_main_process:
+        push_folder_to_hub(output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
+                           commit_message="Upload fine-tuned NASiam classifier")
+    accelerator.end_training()
+    return output_dir
+
+
+def finetune_eval_results(history: dict, args: argparse.Namespace, splits) -> dict | None:
+    """``{"fine_tuning": {...}}`` from the last epoch with an evaluation (None when nothing was evaluated)."""
+    evaluated = [r for r in history.get("epochs", []) if r.get("eval_top1") is not None]
+    if not evaluated:
+        return None
+    last = evaluated[-1]
+    if args.eval_split:
+        split = args.eval_split
+    elif args.validation_file or args.validation_dir or splits.name == "ILSVRC/imagenet-1k":
+        split = "validation"  # a separate evaluation set, or ImageNet (whose test split has no labels)
+    else:
+        split = "test"
+    result = {"top1": last["eval_top1"], "top5": last.get("eval_top5"), "dataset_name": splits.name, "split": split,
+              "epochs": len(history["epochs"]), "frozen_backbone": bool(args.freeze_backbone),
+              "base_model": args.model_name_or_path}
+    return {"fine_tuning": result}
+
+
+def write_finetune_outputs(model, history: dict, output_dir: Path, args: argparse.Namespace, splits) -> None:
+    """The classifier folder: weights and config, image processor, history, eval results, arguments, model card."""
+    from .hub import save_run_metadata, write_model_card
+    from .processing import image_processor_for_splits
+
+    model.save_pretrained(output_dir)
+    image_processor_for_splits(splits).save_pretrained(output_dir)
+    atomic_write_json(output_dir / HISTORY_FILE, history)
+    eval_results = finetune_eval_results(history, args, splits)
+    if eval_results is not None:
+        atomic_write_json(output_dir / EVAL_RESULTS_FILE, eval_results)
+    save_run_metadata(output_dir, args)
+    write_model_card(output_dir, model.config, training_args=vars(args), eval_results=eval_results,
+                     dataset_name=splits.name, base_model=_hub_model_id(args.model_name_or_path))
+    finish_classifier_card(output_dir, eval_results, splits)
+
+
+def finish_classifier_card(folder: Path, eval_results: dict | None, splits) -> Path:
+    """Turn the pretraining-style card into a classifier's: pipeline tag ``image-classification``, the labels and the
+    measured fine-tuning accuracy (a section of its own, and the model-index when ``hub`` does not add it)."""
+    from huggingface_hub import EvalResult, ModelCard
+
+    from .hub import atomic_write_text, hub_dataset_id
+
+    path = Path(folder) / "README.md"
+    card = ModelCard.load(path)
+    card.data.pipeline_tag = "image-classification"
+    tags = list(card.data.tags or [])
+    card.data.tags = [t for t in tags if t != "image-feature-extraction"] + ["image-classification"]
+    result = (eval_results or {}).get("fine_tuning")
+    lines = ["", "## Fine-tuning", ""]
+    how = "frozen backbone, linear classifier trained" if result and result["frozen_backbone"] else \
+        "backbone and linear classifier trained together"
+    lines.append(f"This checkpoint is a classifier over {splits.num_labels} classes "
+                 f"({', '.join(list(splits.id2label.values())[:10])}{', ...' if splits.num_labels > 10 else ''}), "
+                 f"fine-tuned on {splits.name} with `nasiam-finetune` ({how}).")
+    if result:
+        top5 = f", top-5 {result['top5']:.2f} %" if result.get("top5") is not None else ""
+        lines.append(f"Measured accuracy on the {result['split']} split after {result['epochs']} epochs: "
+                     f"top-1 {result['top1']:.2f} %{top5}.")
+        existing = list(card.data.eval_results or [])
+        if not any(getattr(e, "metric_config", None) == "fine-tuning" for e in existing):
+            existing.append(EvalResult(
+                task_type="image-classification", task_name="Image Classification",
+                dataset_type=hub_dataset_id(splits.name) or splits.name,
+                dataset_name=splits.name, dataset_split=result["split"], metric_type="accuracy",
+                metric_value=float(result["top1"]), metric_name="Fine-tuning top-1 accuracy (%)",
+                metric_config="fine-tuning"))
+            card.data.eval_results = existing
+            card.data.model_name = card.data.model_name or Path(folder).name
+        # the generic card knows only probe/kNN results: point its "no evaluation" paragraph to ours
+        card.text = re.sub(r"No evaluation was run for this checkpoint.*?(?=\n\n)",
+                           "The fine-tuning accuracy of this classifier is in the [Fine-tuning](#fine-tuning) section.",
+                           card.text, count=1, flags=re.DOTALL)
+    lines += ["", "```python", "import nasiam_hf  # or trust_remote_code=True without the package",
+              "from transformers import pipeline", "",
+              f'classifier = pipeline("image-classification", model="path/to/this/folder")',
+              'print(classifier("image.png"))', "```", ""]
+    atomic_write_text(path, str(card).rstrip() + "\n" + "\n".join(lines))
+    return path
+
+
+__all__ = [
+    "build_finetune_optimizer",
+    "evaluate_accuracy",
+    "finetune_eval_results",
+    "finish_classifier_card",
+    "load_classifier",
+    "run_finetune",
+    "write_finetune_outputs",
+]

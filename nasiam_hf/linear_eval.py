@@ -1,0 +1,125 @@
+"""Linear evaluation of a saved NASiam model: a linear probe (and the kNN classifier) on frozen backbone features."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .fileio import atomic_write_json, read_json
+from .modeling_nasiam import NASiamModel
+
+EVAL_RESULTS = "eval_results.json"
+
+
+def load_for_evaluation(model_name_or_path: str) -> NASiamModel:
+    """A NASiamModel from a folder or a Hub id, with an error that says what to do when it cannot be found."""
+    try:
+        return NASiamModel.from_pretrained(model_name_or_path)
+    except OSError as error:
+        raise ValueError(
+            f"cannot load a NASiam model from {model_name_or_path!r}: {error}. Pass a folder written by "
+            "training/pretrain.py (it holds config.json and model.safetensors) or a Hub id (needs network, or a "
+            "copy in the local cache when HF_HUB_OFFLINE=1)."
+        ) from error
+
+
+def merge_eval_results(folder: Path, results: dict) -> dict:
+    """Update ``eval_results.json`` in ``folder`` with ``results`` (other entries, e.g. fine-tuning, are kept)."""
+    path = folder / EVAL_RESULTS
+    merged = read_json(path) if path.exists() else {}
+    merged.update(results)
+    atomic_write_json(path, merged)
+    return merged
+
+
+def refresh_model_card(folder: Path, config, eval_results: dict, dataset_name: str | None) -> None:
+    """Rewrite the folder's README.md with the new results, keeping its training arguments and history."""
+    from .hub import write_model_card
+
+    args = read_json(folder / "training_args.json") if (folder / "training_args.json").exists() else None
+    history = read_json(folder / "training_history.json") if (folder / "training_history.json").exists() else None
+    write_model_card(folder, config, training_args=args, eval_results=eval_results, history=history,
+                     dataset_name=(args or {}).get("dataset_name") or (args or {}).get("train_file") or dataset_name)
+
+
+def run_linear_eval(args: argparse.Namespace) -> dict:
+    from .data import make_loader, splits_from_args, view_dataset_for
+    from .evaluation import (
+        LinearProbeConfig, evaluate_classifier, extract_features, knn_accuracy, train_linear_probe,
+        train_linear_probe_on_images,
+    )
+    from .trainer import make_accelerator
+
+    model_path = args.model_name_or_path
+    output_dir = Path(args.output_dir or model_path)
+    if args.output_dir is None and not os.path.isdir(model_path):
+        raise ValueError(f"--model_name_or_path {model_path!r} is not a local folder: pass --output_dir for the results")
+    accelerator = make_accelerator(args)
+    model = load_for_evaluation(model_path)
+    if args.image_size is None:
+        args.image_size = model.config.image_size  # evaluate at the resolution the model was trained at
+    splits = splits_from_args(args)
+    if splits.eval is None:
+        raise ValueError(
+            f"{splits.name!r} has no evaluation split: pass --validation_file or --validation_dir (or --eval_split)"
+        )
+    encoder = model.backbone.eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    encoder = encoder.to(accelerator.device)
+    if args.channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    probe = LinearProbeConfig(epochs=args.num_train_epochs, batch_size=args.per_device_train_batch_size,
+                              lr=args.learning_rate, weight_decay=args.weight_decay, feature_norm=args.feature_norm,
+                              seed=args.seed)
+    workers, eval_batch = args.dataloader_num_workers, args.per_device_eval_batch_size
+    plain_train, plain_eval = accelerator.prepare(
+        make_loader(view_dataset_for(splits, "train", "eval"), eval_batch, shuffle=False, num_workers=workers),
+        make_loader(view_dataset_for(splits, "eval", "eval"), eval_batch, shuffle=False, num_workers=workers),
+    )
+    train_features, train_labels = extract_features(encoder, plain_train, accelerator, desc="train features")
+    eval_features, eval_labels = extract_features(encoder, plain_eval, accelerator, desc="eval features")
+    accelerator.print(
+        f"linear probe: {probe.epochs} epochs, batch {probe.batch_size}, lr {probe.effective_lr:.4g}, "
+        f"features {args.feature_norm}, " + ("cached features (no augmentation)" if args.no_augmentation
+                                             else "light augmentation (features recomputed every epoch)")
+    )
+    if args.no_augmentation:
+        classifier, history = train_linear_probe(train_features, train_labels, splits.num_labels, probe,
+                                                 eval_features, eval_labels, accelerator)
+    else:
+        train_loader = accelerator.prepare(make_loader(
+            view_dataset_for(splits, "train", "light", seed=args.seed), args.per_device_train_batch_size,
+            shuffle=True, seed=args.seed, drop_last=True, num_workers=workers,
+        ))
+        classifier, history = train_linear_probe_on_images(encoder, train_loader, splits.num_labels, probe,
+                                                            accelerator, eval_loader=None)
+    linear = evaluate_classifier(classifier, eval_features.to(accelerator.device), eval_labels.to(accelerator.device))
+    knn = knn_accuracy(train_features, train_labels, eval_features, eval_labels, splits.num_labels,
+                       k=args.knn_k, temperature=args.knn_temperature)
+    split = args.eval_split or ("validation" if (args.validation_file or args.validation_dir) else "test")
+    results = {
+        "linear_probe": {**linear, "dataset_name": splits.name, "split": split, "epochs": probe.epochs,
+                         "lr": probe.effective_lr, "feature_norm": args.feature_norm,
+                         "augmentation": not args.no_augmentation},
+        "knn": {**knn, "k": args.knn_k, "temperature": args.knn_temperature, "dataset_name": splits.name,
+                "split": split},
+    }
+    accelerator.print(
+        f"linear probe top-1 {linear['top1']:.2f}%" + (f", top-5 {linear['top5']:.2f}%" if "top5" in linear else "")
+        + f"; kNN top-1 {knn['top1']:.2f}%"
+    )
+    if accelerator.is_main_process:
+        merged = merge_eval_results(output_dir, results)
+        atomic_write_json(output_dir / "linear_probe_history.json", history)
+        save_file({k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()},
+                  str(output_dir / "linear_probe.safetensors"))
+        if (output_dir / "config.json").exists():
+            refresh_model_card(output_dir, model.config, merged, splits.name)
+        accelerator.print(f"results written to {output_dir / EVAL_RESULTS}")
+    accelerator.end_training()
+    return results

@@ -1,0 +1,109 @@
+"""The image processor saved beside every NASiam model, so ``AutoImageProcessor`` and pipelines prepare images the way
+the model saw them at evaluation time.
+
+No processor class of our own: transformers' ``BitImageProcessor`` (a ResNet-family processor: resize of the shortest
+edge, center crop, rescale to [0, 1], normalise, RGB conversion) does what :func:`nasiam_hf.data.build_transform` does
+for its ``"eval"`` kind, and every transformers version knows it, so a folder loads with
+``AutoImageProcessor.from_pretrained`` without ``trust_remote_code``:
+
+* ``"cifar"`` policy: shortest edge to ``image_size``, center crop ``image_size`` (a square image is only resized,
+  nothing is cropped; a CIFAR image at its native size goes through untouched);
+* ``"imagenet"`` policy: shortest edge to ``int(image_size / 0.875)`` (256 for 224), center crop ``image_size``.
+
+Both use bilinear resampling, like ``torchvision.transforms.v2.Resize``'s default. Two small differences remain:
+the processor resizes a tensor where the data pipeline resizes a PIL image (antialiased both ways; values differ by
+about one grey level), and when the crop leaves an odd margin its offset rounds down where torchvision rounds to
+nearest (a one-pixel shift). At the native size (CIFAR at 32x32) both give the same tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import BitImageProcessor
+
+    from .configuration_nasiam import NASiamConfig
+    from .data import ImageSplits
+
+POLICIES = ("cifar", "imagenet")
+IMAGENET_CROP_RATIO = 0.875
+# Statistics used when nothing better is known (e.g. a model converted from a torchvision state dict).
+DEFAULT_STATS = {
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),  # CIFAR-10
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def resize_edge(image_size: int, policy: str) -> int:
+    """The shortest edge an image is resized to before the center crop."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+    return int(image_size) if policy == "cifar" else int(image_size / IMAGENET_CROP_RATIO)
+
+
+def build_image_processor(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    policy: str = "cifar",
+) -> "BitImageProcessor":
+    """A ``BitImageProcessor`` reproducing the ``"eval"`` transform of :mod:`nasiam_hf.data` for ``policy``.
+
+    Save it with ``.save_pretrained(model_folder)`` (writes ``preprocessor_config.json``).
+    """
+    from transformers import BitImageProcessor
+
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    if len(mean) != len(std) or not mean:
+        raise ValueError(f"mean and std must have the same non-zero length, got {mean} and {std}")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std must be positive, got {std}")
+    return BitImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": resize_edge(image_size, policy)},
+        resample=2,  # PIL.Image.BILINEAR
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=mean,
+        image_std=std,
+        do_convert_rgb=True,
+    )
+
+
+def image_processor_for_splits(splits: "ImageSplits") -> "BitImageProcessor":
+    """The processor of a dataset loaded with :func:`nasiam_hf.data.load_image_splits` (its size, stats, policy)."""
+    return build_image_processor(splits.image_size, splits.mean, splits.std, splits.policy)
+
+
+def image_processor_for_config(config: "NASiamConfig", mean: Sequence[float] | None = None,
+                               std: Sequence[float] | None = None) -> "BitImageProcessor":
+    """A processor from a config alone: policy from the stem (CIFAR stem -> ``"cifar"``), CIFAR-10 or ImageNet stats
+    unless ``mean``/``std`` are given."""
+    policy = "cifar" if config.cifar_stem else "imagenet"
+    default_mean, default_std = DEFAULT_STATS[policy]
+    return build_image_processor(config.image_size, mean or default_mean, std or default_std, policy)
+
+
+def save_image_processor(folder: str | os.PathLike, splits: "ImageSplits") -> Path:
+    """Write the dataset's processor into a model folder; returns the path of ``preprocessor_config.json``."""
+    image_processor_for_splits(splits).save_pretrained(folder)
+    return Path(folder) / "preprocessor_config.json"
+
+
+__all__ = [
+    "DEFAULT_STATS",
+    "build_image_processor",
+    "image_processor_for_config",
+    "image_processor_for_splits",
+    "resize_edge",
+    "save_image_processor",
+]
