@@ -134,6 +134,27 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"queue_size must be a positive integer, got {self.queue_size!r}")
 
     @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "NASiamConfig":
+        # transformers only warns on a config of another model type; a NASiam model built from it would be wrong
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            raise ValueError(
+                f"this config.json describes a {model_type!r} model, not a NASiam one (model_type 'nasiam'); "
+                "pass a folder saved by nasiam_hf (save_pretrained, or the output_dir of training/search.py or "
+                "training/pretrain.py)"
+            )
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "NASiamConfig":
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except ValueError as error:
+            if "not a NASiam one" in str(error):
+                raise ValueError(f"{str(pretrained_model_name_or_path)!r}: {error}") from None
+            raise
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> "NASiamConfig":
         """A config from a paper genotype (``"simsiam-cifar10-resnet18"``) or standard heads (``"byol-baseline"``)."""
         values = check_preset(name)

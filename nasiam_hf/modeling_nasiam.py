@@ -12,6 +12,7 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -56,6 +57,19 @@ class NASiamPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     # A pretraining checkpoint loads into every head class; its momentum copies and queue are not needed there.
     _keys_to_ignore_on_load_unexpected = [r"^momentum_(backbone|projector)\.", r"^queue\."]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` that reads only safetensors (nothing is unpickled) and says plainly
+        when the weights file is damaged."""
+        kwargs.setdefault("use_safetensors", True)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"the weights in {str(pretrained_model_name_or_path)!r} cannot be read: model.safetensors is "
+                f"truncated or corrupted ({error}). Save the model again, or delete the file and download it again."
+            ) from error
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained`` through a staging folder: a kill mid-save leaves the old files intact.
