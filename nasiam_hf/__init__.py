@@ -29,7 +29,6 @@ AutoModelForPreTraining.register(NASiamConfig, NASiamForPreTraining, exist_ok=Tr
 AutoModelForImageClassification.register(NASiamConfig, NASiamForImageClassification, exist_ok=True)
 AutoBackbone.register(NASiamConfig, NASiamBackbone, exist_ok=True)
 # Saved folders carry the modeling code too, so they also load with trust_remote_code=True without this package.
-NASiamConfig.register_for_auto_class()
 NASiamModel.register_for_auto_class("AutoModel")
 NASiamForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 NASiamForImageClassification.register_for_auto_class("AutoModelForImageClassification")

@@ -46,7 +46,7 @@ EVAL_SPLIT_CANDIDATES = ("test", "validation", "valid", "val")
 LOCAL_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 POLICIES = ("cifar", "imagenet")
 TRANSFORM_KINDS = ("ssl", "light", "eval")
-VIEW_MODES = ("two_view", "single")
+VIEW_MODES = ("two_view", "single", "decode")
 
 # Known datasets by alias or Hub id (lower case) -> key of NORMALIZATION and policy.
 _KNOWN = {
@@ -83,6 +83,17 @@ class ImageSplits:
     def transform(self, kind: str) -> Callable:
         """The :func:`build_transform` pipeline of this dataset's policy, size and statistics."""
         return build_transform(kind, self.policy, self.image_size, self.mean, self.std)
+
+    def decode_transform(self) -> Callable:
+        """The :func:`build_decode_transform` of this dataset (uint8 images for on-device augmentation)."""
+        return build_decode_transform(self.policy, self.image_size)
+
+    def batch_augmenter(self, kind: str, seed: int = 0, num_views: int = 2):
+        """The on-device :class:`~.augment.BatchAugmenter` of this dataset's policy, size and statistics
+        (``num_views`` views; with ``kind="eval"``, the no-augmentation ablation, they are all the same)."""
+        from .augment import BatchAugmenter
+
+        return BatchAugmenter(kind, self.policy, self.image_size, self.mean, self.std, seed=seed, num_views=num_views)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -599,6 +610,25 @@ def build_transform(
     return v2.Compose(steps + to_tensor)
 
 
+def decode_size(policy: str, image_size: int) -> int:
+    """Side of the square uint8 images served for on-device augmentation: the crop size for the CIFAR policy (the
+    native size of CIFAR itself), ``image_size / 0.875`` (256 at 224) for ImageNet, where the random crop to
+    ``image_size`` then happens on the device."""
+    if policy not in POLICIES:
+        raise ValueError(f"Unknown policy {policy!r}; expected one of {POLICIES}.")
+    return int(image_size) if policy == "cifar" else int(round(image_size / 0.875))
+
+
+def build_decode_transform(policy: str, image_size: int) -> Callable:
+    """RGB PIL image -> uint8 ``(3, S, S)`` tensor, ``S = decode_size(policy, image_size)``: resize the shorter side
+    to ``S`` (antialiased), centre-crop. Deterministic: the random views are drawn later, on the device
+    (:class:`~.augment.BatchAugmenter`)."""
+    from torchvision.transforms import v2
+
+    size = decode_size(policy, image_size)
+    return v2.Compose([v2.Resize(size), v2.CenterCrop(size), v2.PILToTensor()])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Views, sampler, loader
 # --------------------------------------------------------------------------------------------------------------------
@@ -635,6 +665,11 @@ class ViewDataset(torch.utils.data.Dataset):
     mode "two_view" returns ``pixel_values``, ``pixel_values_2`` (... up to ``num_views``), ``labels``, ``index``;
     "single" returns one ``pixel_values``. ``transform`` is one callable for all views or one per view. For the
     no-augmentation ablation pass the "eval" transform: both views are then identical.
+
+    mode "decode" serves the decoded image only, for augmentation on the accelerator: ``transform`` is a
+    deterministic :func:`build_decode_transform`, ``pixel_values`` a uint8 ``(3, S, S)`` tensor, and ``epoch`` is
+    returned next to ``index`` so :class:`~.augment.BatchAugmenter` can seed each sample's views from
+    ``(seed, epoch, index, view)``.
     """
 
     def __init__(
@@ -653,7 +688,7 @@ class ViewDataset(torch.utils.data.Dataset):
                 f"got {hf_dataset.column_names}."
             )
         self.mode = mode
-        self.num_views = 1 if mode == "single" else int(num_views)
+        self.num_views = 1 if mode in ("single", "decode") else int(num_views)
         if self.num_views < 1 or (mode == "two_view" and self.num_views < 2):
             raise ValueError(f"mode {mode!r} needs num_views >= 2, got {num_views}.")
         if transform is None:
@@ -682,6 +717,12 @@ class ViewDataset(torch.utils.data.Dataset):
         positions = [k % size for k in keys]
         batch = self.data[positions]
         indices = batch["index"] if self.has_index else positions
+        if self.mode == "decode":  # deterministic: no per-sample seeding needed
+            transform = self.transforms[0]
+            return [
+                {"pixel_values": transform(image), "labels": int(label), "index": int(index), "epoch": key // size}
+                for image, label, index, key in zip(batch["image"], batch["label"], indices, keys)
+            ]
         samples = []
         with torch.random.fork_rng(devices=[]):
             for j, key in enumerate(keys):
@@ -701,10 +742,15 @@ def view_dataset_for(
     splits: ImageSplits, split: str = "train", kind: str = "ssl", seed: int = 0, augment: bool = True,
     mode: str | None = None, num_views: int = 2,
 ) -> ViewDataset:  # fmt: skip
-    """The usual ViewDataset of a split: "ssl" two views by default, other kinds one; ``augment=False`` -> "eval"."""
+    """The usual ViewDataset of a split: "ssl" two views by default, other kinds one; ``augment=False`` -> "eval".
+
+    ``mode="decode"`` serves uint8 images for :meth:`ImageSplits.batch_augmenter` instead (``kind`` is then ignored).
+    """
     dataset = splits.train if split == "train" else splits.eval
     if dataset is None:
         raise ValueError(f"{splits.name!r} has no {split!r} split.")
+    if mode == "decode":
+        return ViewDataset(dataset, "decode", splits.decode_transform(), seed=seed)
     if mode is None:
         mode = "two_view" if kind == "ssl" else "single"
     return ViewDataset(dataset, mode, splits.transform(kind if augment else "eval"), seed=seed, num_views=num_views)
@@ -740,13 +786,17 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
 
 def collate_views(batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack samples into ``pixel_values`` (B, 3, H, W) float32, optional ``pixel_values_2``..., ``labels`` and
-    ``index`` (long)."""
+    """Stack samples into ``pixel_values`` (B, 3, H, W) float32 (uint8 ones, from "decode" mode, stay uint8),
+    optional ``pixel_values_2``..., ``labels`` and ``index`` (long), and ``epoch`` (long) when the samples have it."""
     first = batch[0]
     out = {k: torch.stack([torch.as_tensor(s[k]) for s in batch]) for k in first if k.startswith("pixel_values")}
-    out = {k: v.as_subclass(torch.Tensor).float() for k, v in out.items()}  # drop tv_tensors.Image subclassing
+    # drop tv_tensors.Image subclassing; keep uint8 images small until they reach the device
+    out = {k: v.as_subclass(torch.Tensor) for k, v in out.items()}
+    out = {k: v if v.dtype == torch.uint8 else v.float() for k, v in out.items()}
     out["labels"] = torch.tensor([int(s["labels"]) for s in batch], dtype=torch.long)
     out["index"] = torch.tensor([int(s["index"]) for s in batch], dtype=torch.long)
+    if "epoch" in first:
+        out["epoch"] = torch.tensor([int(s["epoch"]) for s in batch], dtype=torch.long)
     return out
 
 
@@ -919,8 +969,10 @@ __all__ = [
     "ViewDataset",
     "add_data_args",
     "blur_kernel_size",
+    "build_decode_transform",
     "build_transform",
     "collate_views",
+    "decode_size",
     "default_num_workers",
     "find_epoch_sampler",
     "load_image_splits",

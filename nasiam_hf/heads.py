@@ -6,13 +6,15 @@ head, a preset head and a framework's standard head are all the same code.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from .search_space import build_op, check_op_name
+from .search_space import OPS, build_op, check_op_name
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,9 @@ class MLPHead(nn.Module):
     def __init__(self, genotype: Sequence[str], spec: HeadSpec):
         super().__init__()
         if len(genotype) != spec.num_layers:
-            raise ValueError(f"genotype {list(genotype)} has {len(genotype)} ops, the head has {spec.num_layers} layers")
+            raise ValueError(
+                f"genotype {list(genotype)} has {len(genotype)} ops, the head has {spec.num_layers} layers"
+            )
         self.genotype = list(genotype)
         self.layers = nn.ModuleList(
             build_op(op, d_in, d_out, output=out) for op, (d_in, d_out, out) in zip(genotype, spec.layer_shapes())
@@ -82,17 +86,121 @@ class MLPHead(nn.Module):
 
 
 class MixedLayer(nn.Module):
-    """Every candidate op of one layer; the output is their sum weighted by softmaxed alphas (the paper's Eq. 4)."""
+    """Every candidate op of one layer; the output is their sum weighted by softmaxed alphas (the paper's Eq. 4).
+
+    The candidates run fused rather than one by one. Every op that starts with a Linear (each linear op and, where the
+    width changes, the adapter in front of each parameter-free op; see :func:`~.search_space.build_op`) owns a block
+    of ``d_out`` rows of one shared ``front = Linear(d_in, n * d_out)`` and, unless this is an output layer, a block
+    of one shared ``front_bn = BatchNorm1d(n * d_out)``; each block then gets its op's activation. The BatchNorms
+    that follow the pools share one ``pool_bn`` the same way. BatchNorm treats every feature on its own and a Linear's
+    rows are independent, so this is exactly the computation of separate ops, with one matmul instead of ``n``.
+
+    ``ops[k](x)`` computes candidate ``k`` alone from its blocks of the shared parameters (for inspection and
+    tests), and :meth:`export_op` returns it as the stand-alone module :func:`~.search_space.build_op` builds.
+    """
 
     def __init__(self, ops: Sequence[str], d_in: int, d_out: int, output: bool):
         super().__init__()
-        self.ops = nn.ModuleList(build_op(op, d_in, d_out, output=output) for op in ops)
+        self.op_names = [check_op_name(op, where="mixed layer") for op in ops]
+        self.d_in, self.d_out, self.is_output = d_in, d_out, output
+        specs = [OPS[op] for op in self.op_names]
+        # op index -> block index in `front` (ops starting with a Linear), in `free` (parameter-free modules) and in
+        # `pool_bn` (pools followed by a BatchNorm).
+        self._front = {k: i for i, k in enumerate(k for k, s in enumerate(specs) if s.is_linear or d_in != d_out)}
+        self._free = {k: i for i, k in enumerate(k for k, s in enumerate(specs) if not s.is_linear)}
+        self._pool = {k: i for i, k in enumerate(k for k, s in enumerate(specs) if s.pool and not s.is_linear
+                                                   and not output)}
+        n_front = len(self._front)
+        self.front = nn.Linear(d_in, n_front * d_out, bias=output) if n_front else None
+        self.front_bn = nn.BatchNorm1d(n_front * d_out) if n_front and not output else None
+        # The activation after each front block: the op's own, ReLU for a parameter-free op's adapter; none in an
+        # output layer.
+        self.front_acts = nn.ModuleList(
+            (specs[k].activation() if specs[k].is_linear else nn.ReLU()) for k in self._front
+        ) if not output else None
+        self.free = nn.ModuleList(specs[k].parameter_free() for k in self._free)
+        self.pool_bn = nn.BatchNorm1d(len(self._pool) * d_out) if self._pool else None
+
+    def candidate_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every candidate op, in search-space order."""
+        outs: list[torch.Tensor | None] = [None] * len(self.op_names)
+        if self.front is not None:
+            h = self.front(x)
+            if self.front_bn is not None:
+                h = self.front_bn(h)
+            blocks = h.split(self.d_out, dim=1)
+            for k, i in self._front.items():
+                outs[k] = blocks[i] if self.front_acts is None else self.front_acts[i](blocks[i])
+        for k, i in self._free.items():
+            outs[k] = self.free[i](x if outs[k] is None else outs[k])
+        if self.pool_bn is not None:
+            pools = list(self._pool)
+            normed = self.pool_bn(torch.cat([outs[k] for k in pools], dim=1)).split(self.d_out, dim=1)
+            for k, y in zip(pools, normed):
+                outs[k] = y
+        return outs
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = weights[0] * self.ops[0](x)
-        for w, op in zip(weights[1:], self.ops[1:]):
-            out = out + w * op(x)
-        return out
+        stacked = torch.stack(self.candidate_outputs(x), dim=1)  # (B, K, d_out)
+        return (stacked * weights.to(stacked.dtype).view(1, -1, 1)).sum(dim=1)
+
+    # -- one candidate at a time (inspection, tests) --------------------------------------------------------------
+    @property
+    def ops(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...]:
+        """One callable per candidate op computing its output alone, from its blocks of the shared parameters."""
+        return tuple(functools.partial(self._run_op, k=k) for k in range(len(self.op_names)))
+
+    def _block(self, k_index: int) -> slice:
+        return slice(k_index * self.d_out, (k_index + 1) * self.d_out)
+
+    @staticmethod
+    def _batch_norm_block(bn: nn.BatchNorm1d, x: torch.Tensor, block: slice) -> torch.Tensor:
+        """``bn`` restricted to the features of ``block`` (its running statistics are updated in place when
+        training, as the fused forward would)."""
+        use_batch = bn.training or bn.running_mean is None
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        return F.batch_norm(
+            x, None if bn.running_mean is None else bn.running_mean[block],
+            None if bn.running_var is None else bn.running_var[block],
+            None if bn.weight is None else bn.weight[block], None if bn.bias is None else bn.bias[block],
+            use_batch, momentum, bn.eps,
+        )
+
+    def _run_op(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        h = x
+        if k in self._front:
+            i = self._front[k]
+            block = self._block(i)
+            h = F.linear(x, self.front.weight[block], None if self.front.bias is None else self.front.bias[block])
+            if self.front_bn is not None:
+                h = self.front_acts[i](self._batch_norm_block(self.front_bn, h, block))
+        if k in self._free:
+            h = self.free[self._free[k]](h)
+        if k in self._pool:
+            h = self._batch_norm_block(self.pool_bn, h, self._block(self._pool[k]))
+        return h
+
+    @torch.no_grad()
+    def export_op(self, k: int) -> nn.Module:
+        """Candidate ``k`` as the module ``build_op`` builds, holding a copy of its blocks of the shared parameters."""
+        module = build_op(self.op_names[k], self.d_in, self.d_out, output=self.is_output)
+        module.train(self.training)
+        layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.BatchNorm1d))]
+        sources: list[tuple[nn.Module, slice]] = []
+        if k in self._front:
+            block = self._block(self._front[k])
+            sources.append((self.front, block))
+            if self.front_bn is not None:
+                sources.append((self.front_bn, block))
+        if k in self._pool:
+            sources.append((self.pool_bn, self._block(self._pool[k])))
+        if len(layers) != len(sources):  # pragma: no cover - build_op and this class follow the same rule
+            raise RuntimeError(f"op {self.op_names[k]!r}: {len(layers)} layers for {len(sources)} parameter blocks")
+        for target, (source, block) in zip(layers, sources):
+            for name, tensor in (*target.named_parameters(recurse=False), *target.named_buffers(recurse=False)):
+                value = getattr(source, name)
+                tensor.copy_(value if value.ndim == 0 else value[block])
+        return module
 
 
 class SearchCell(nn.Module):

@@ -58,15 +58,17 @@ def apply_recipe(args: argparse.Namespace, policy: str) -> None:
     args.recipe = name
 
 
-def build_pretraining_optimizer(model: NASiamForPreTraining, lr: float, weight_decay: float, fix_predictor_lr: bool):
-    """SGD over backbone + heads; SimSiam's predictor may keep a fixed lr (its own param group, index 1)."""
+def build_pretraining_optimizer(model: NASiamForPreTraining, lr: float, weight_decay: float, fix_predictor_lr: bool,
+                                implementation: str = "auto"):
+    """SGD over backbone + heads; SimSiam's predictor may keep a fixed lr (its own param group, index 1).
+    ``implementation`` picks the optimizer kernels (:func:`~.trainer.build_optimizer`)."""
     predictor = model.nasiam.predictor
     predictor_ids = {id(p) for p in predictor.parameters()} if (predictor is not None and fix_predictor_lr) else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) not in predictor_ids]}]
     if predictor_ids:
         groups.append({"params": [p for p in trainable if id(p) in predictor_ids]})
-    optimizer = build_weight_optimizer(groups, lr, weight_decay)
+    optimizer = build_weight_optimizer(groups, lr, weight_decay, implementation=implementation)
     return optimizer, ((1,) if predictor_ids else ())
 
 
@@ -89,12 +91,16 @@ class CollapseWatch:
         return False
 
 
-def run_pretrain(args: argparse.Namespace) -> Path:
+def run_pretrain(args: argparse.Namespace) -> NASiamForPreTraining:
+    """The whole pretraining: data, model, steps, kNN monitor, checkpoints, the saved model folder.
+
+    Returns the trained model (unwrapped; the model folder is ``args.output_dir``).
+    """
     from .data import make_loader, splits_from_args, view_dataset_for
     from .evaluation import evaluate_knn
     from .hub import push_folder_to_hub
     from .trainer import (
-        Checkpointer, StepLoop, build_cosine_schedule, check_finite, guard_output_dir, make_accelerator,
+        Checkpointer, DeviceSums, StepLoop, build_cosine_schedule, check_finite, guard_output_dir, make_accelerator,
         prepare_model_layout,
     )
 
@@ -109,8 +115,12 @@ def run_pretrain(args: argparse.Namespace) -> Path:
     guard_output_dir(args, accelerator)
     batch = args.per_device_train_batch_size
     workers = args.dataloader_num_workers
+    on_device = getattr(args, "augmentation_device", "loader") == "accelerator"
+    # on the device: the loader only decodes, and the views are drawn per batch, seeded per sample
+    make_views = splits.batch_augmenter("eval" if args.no_augmentation else "ssl", args.seed) if on_device else None
     train_loader = make_loader(view_dataset_for(splits, "train", "ssl", seed=args.seed,
-                                                augment=not args.no_augmentation),
+                                                augment=not args.no_augmentation,
+                                                mode="decode" if on_device else None),
                                batch, shuffle=True, seed=args.seed, drop_last=True, num_workers=workers)
     knn_loaders = None
     if args.knn_every > 0 and splits.eval is not None:
@@ -122,11 +132,13 @@ def run_pretrain(args: argparse.Namespace) -> Path:
     elif args.knn_every > 0:
         accelerator.print("no evaluation split found: the kNN monitor is off (pass --validation_file/--validation_dir)")
 
-    model = prepare_model_layout(NASiamForPreTraining(config), accelerator, args.channels_last)
+    model = prepare_model_layout(NASiamForPreTraining(config), accelerator, args.channels_last,
+                                 getattr(args, "torch_compile", False))
     global_batch = batch * accelerator.num_processes
     lr = scaled_lr(args.learning_rate, global_batch)
     fix_predictor = config.framework == "simsiam" and not args.no_fix_predictor_lr
-    optimizer, fixed_groups = build_pretraining_optimizer(model, lr, args.weight_decay, fix_predictor)
+    optimizer, fixed_groups = build_pretraining_optimizer(model, lr, args.weight_decay, fix_predictor,
+                                                          getattr(args, "optimizer_implementation", "auto"))
     accelerator.print(
         f"pretrain: {config.framework} / {config.backbone} ({'CIFAR stem' if config.cifar_stem else 'ImageNet stem'}), "
         f"projector {config.genotype('projector')}"
@@ -160,9 +172,24 @@ def run_pretrain(args: argparse.Namespace) -> Path:
     output_dir = Path(args.output_dir)
     timer = {"start": time.perf_counter(), "steps": 0}
 
+    sums = DeviceSums(2)  # loss and collapse std of the steps not yet folded into state["running"]
+    log_every = getattr(args, "logging_steps", 1)
+
+    def fold_sums() -> list[float] | None:
+        """Move the device-side sums into state["running"] (one host sync); the means of the folded steps."""
+        values, count = sums.drain()
+        if not count:
+            return None
+        state["running"][0] += values[0]
+        state["running"][1] += values[1]
+        state["running"][2] += count
+        return [v / count for v in values]
+
     def on_epoch_end(epoch: int) -> None:
+        fold_sums()
         running = state["running"]
-        loss, collapse = mean_over_ranks(accelerator, [running[0] / max(running[2], 1), running[1] / max(running[2], 1)])
+        steps = max(running[2], 1)
+        loss, collapse = mean_over_ranks(accelerator, [running[0] / steps, running[1] / steps])
         elapsed = time.perf_counter() - timer["start"]
         record = {"epoch": epoch, "loss": loss, "collapse_std": collapse, "lr": scheduler.get_last_lr()[0],
                   "images_per_second": timer["steps"] * global_batch / max(elapsed, 1e-9)}
@@ -186,19 +213,21 @@ def run_pretrain(args: argparse.Namespace) -> Path:
             atomic_write_json(output_dir / "training_history.json", state["history"])
         timer.update(start=time.perf_counter(), steps=0)
 
-    loop = StepLoop(accelerator, args, train_loader, state, total_steps, checkpointer, on_epoch_end, desc="pretrain")
+    loop = StepLoop(accelerator, args, train_loader, state, total_steps, checkpointer, on_epoch_end, desc="pretrain",
+                    before_save=fold_sums)
     model.train()
     for epoch, batch_views in loop:
         where = f"epoch {epoch}, step {state['global_step'] + 1}"
+        if make_views is not None:
+            batch_views = make_views(batch_views)
         momentum = momentum_for_step(config, state["global_step"], total_steps)
         out = weight_step(model, batch_views, optimizer, scheduler, accelerator, momentum,
                           guard=lambda loss: check_finite(loss, where, checkpointer))
-        loss_value = out.loss.item()
-        state["running"][0] += loss_value
-        state["running"][1] += out.collapse_std.item()
-        state["running"][2] += 1
+        sums.add(out.loss, out.collapse_std)
         timer["steps"] += 1
-        loop.set_postfix(loss=f"{loss_value:.4f}", std=f"{out.collapse_std.item():.4f}")
+        if (state["global_step"] + 1) % log_every == 0:
+            means = fold_sums()
+            loop.set_postfix(loss=f"{means[0]:.4f}", std=f"{means[1]:.4f}")
 
     if accelerator.is_main_process:
         write_pretraining_outputs(core, state["history"], output_dir, args, splits)
@@ -207,7 +236,7 @@ def run_pretrain(args: argparse.Namespace) -> Path:
     if args.push_to_hub and accelerator.is_main_process:
         push_folder_to_hub(output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
     accelerator.end_training()
-    return output_dir
+    return core
 
 
 def write_pretraining_outputs(model: NASiamForPreTraining, history: dict, output_dir: Path,

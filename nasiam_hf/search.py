@@ -2,13 +2,14 @@
 
 Every step makes one architecture (alpha) update on a batch of the validation half and one weight update on a batch
 of the training half. :func:`alpha_step` and :func:`weight_step` are the only places these updates happen; the
-search command and the throughput benchmark both call them.
+search command and the throughput benchmark both call them. Both take a batch of two views (with
+``--augmentation_device accelerator`` the loop first draws them on the device with :mod:`nasiam_hf.augment`) and
+hand them to the model in channels_last when the model was prepared that way (:func:`model_inputs`).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from torch import distributed as dist
 
 from .configuration_nasiam import FRAMEWORK_DEFAULTS, NASiamConfig
 from .fileio import atomic_write_json, publish_files, staging_dir
-from .modeling_nasiam import NASiamForArchitectureSearch, NASiamForPreTraining, NASiamPreTrainingOutput
+from .modeling_nasiam import NASiamForArchitectureSearch, NASiamPreTrainingOutput
 from .objectives import cosine_momentum
 from .search_space import identity_share
 
@@ -27,13 +28,23 @@ DEFAULT_ARCH_OPTIMIZER = (torch.optim.AdamW, 1e-3)
 
 
 def build_arch_optimizer(model: NASiamForArchitectureSearch, lr: float | None = None,
-                         weight_decay: float = 1e-3) -> torch.optim.Optimizer:
+                         weight_decay: float = 1e-3, implementation: str = "auto") -> torch.optim.Optimizer:
+    """AdamW (Adam for MoCo v2) over the alphas; ``implementation`` as in :func:`~.trainer.build_optimizer`."""
+    from .trainer import build_optimizer
+
     cls, default_lr = ARCH_OPTIMIZERS.get(model.config.framework, DEFAULT_ARCH_OPTIMIZER)
-    return cls(model.arch_parameters(), lr=lr or default_lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    return build_optimizer(cls, model.arch_parameters(), implementation, lr=lr or default_lr, betas=(0.9, 0.999),
+                           weight_decay=weight_decay)
 
 
-def build_weight_optimizer(params, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+def build_weight_optimizer(params, lr: float, weight_decay: float, momentum: float = 0.9,
+                           implementation: str = "auto") -> torch.optim.SGD:
+    """SGD with momentum; ``implementation`` ("auto": fused where supported) as in
+    :func:`~.trainer.build_optimizer`."""
+    from .trainer import build_optimizer
+
+    return build_optimizer(torch.optim.SGD, params, implementation, lr=lr, momentum=momentum,
+                           weight_decay=weight_decay)
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:
@@ -52,6 +63,16 @@ def _all_reduce_mean(grads: list[torch.Tensor]) -> None:
             offset += g.numel()
 
 
+def model_inputs(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two views of ``batch``, in channels_last when the (unwrapped) model was prepared that way."""
+    from .trainer import uses_channels_last
+
+    views = batch["pixel_values"], batch["pixel_values_2"]
+    if uses_channels_last(model):
+        views = tuple(v.contiguous(memory_format=torch.channels_last) for v in views)
+    return views
+
+
 def alpha_step(model: NASiamForArchitectureSearch, batch: dict, arch_optimizer: torch.optim.Optimizer,
                accelerator: Accelerator, guard=None) -> NASiamPreTrainingOutput:
     """One architecture update on a validation batch.
@@ -63,8 +84,9 @@ def alpha_step(model: NASiamForArchitectureSearch, batch: dict, arch_optimizer: 
     ``guard(loss)`` runs before the update and may raise to prevent it.
     """
     params = model.arch_parameters()
+    view_1, view_2 = model_inputs(model, batch)
     with accelerator.autocast():
-        out = model(batch["pixel_values"], batch["pixel_values_2"], backbone_grad=False)
+        out = model(view_1, view_2, backbone_grad=False)
     if guard is not None:
         guard(out.loss)
     loss = accelerator.scaler.scale(out.loss) if accelerator.scaler is not None else out.loss
@@ -85,8 +107,10 @@ def weight_step(model, batch: dict, optimizer: torch.optim.Optimizer, scheduler,
     ``model`` is the prepared (possibly DDP-wrapped) model. Gradients that reach the alphas are dropped: only the
     parameters in ``optimizer`` move. ``guard(loss)`` runs before the update and may raise to prevent it (a NaN).
     """
+    core = accelerator.unwrap_model(model)
+    view_1, view_2 = model_inputs(core, batch)
     with accelerator.autocast():
-        out = model(pixel_values=batch["pixel_values"], pixel_values_2=batch["pixel_values_2"])
+        out = model(pixel_values=view_1, pixel_values_2=view_2)
     if guard is not None:
         guard(out.loss)
     accelerator.backward(out.loss)
@@ -94,7 +118,6 @@ def weight_step(model, batch: dict, optimizer: torch.optim.Optimizer, scheduler,
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    core = accelerator.unwrap_model(model)
     if isinstance(core, NASiamForArchitectureSearch):
         for p in core.arch_parameters():
             p.grad = None
@@ -178,12 +201,15 @@ def mean_over_ranks(accelerator: Accelerator, values: list[float]) -> list[float
     return accelerator.reduce(t, reduction="mean").tolist()
 
 
-def run_search(args: argparse.Namespace) -> Path:
-    """The whole search: data halves, supernet, interleaved alpha/weight steps, checkpoints, outputs."""
+def run_search(args: argparse.Namespace) -> NASiamForArchitectureSearch:
+    """The whole search: data halves, supernet, interleaved alpha/weight steps, checkpoints, outputs.
+
+    Returns the searched supernet (unwrapped; the outputs are in ``args.output_dir``).
+    """
     from .data import ViewDataset, make_loader, set_loader_epoch, split_in_halves, splits_from_args
     from .hub import push_folder_to_hub
     from .trainer import (
-        Checkpointer, StepLoop, build_cosine_schedule, check_finite, guard_output_dir, make_accelerator,
+        Checkpointer, DeviceSums, StepLoop, build_cosine_schedule, check_finite, guard_output_dir, make_accelerator,
         prepare_model_layout,
     )
 
@@ -191,16 +217,24 @@ def run_search(args: argparse.Namespace) -> Path:
     guard_output_dir(args, accelerator)
     splits = splits_from_args(args)
     train_half, val_half = split_in_halves(splits.train, args.train_portion, args.seed)
-    transform = splits.transform("eval" if args.no_augmentation else "ssl")
+    kind = "eval" if args.no_augmentation else "ssl"
     batch = args.per_device_train_batch_size
     workers = args.dataloader_num_workers
-    train_loader = make_loader(ViewDataset(train_half, "two_view", transform, seed=args.seed), batch, shuffle=True,
+    on_device = getattr(args, "augmentation_device", "loader") == "accelerator"
+    if on_device:  # the loaders only decode; the views are drawn on the device, seeded like the per-image ones
+        mode, transform = "decode", splits.decode_transform()
+        train_views, val_views = splits.batch_augmenter(kind, args.seed), splits.batch_augmenter(kind, args.seed + 1)
+    else:
+        mode, transform = "two_view", splits.transform(kind)
+        train_views = val_views = None
+    train_loader = make_loader(ViewDataset(train_half, mode, transform, seed=args.seed), batch, shuffle=True,
                                seed=args.seed, drop_last=True, num_workers=workers)
-    val_loader = make_loader(ViewDataset(val_half, "two_view", transform, seed=args.seed + 1), batch, shuffle=True,
+    val_loader = make_loader(ViewDataset(val_half, mode, transform, seed=args.seed + 1), batch, shuffle=True,
                              seed=args.seed + 1, drop_last=True, num_workers=workers)
 
     config = search_config_from_args(args, splits.image_size, cifar_stem=splits.policy == "cifar")
-    model = prepare_model_layout(NASiamForArchitectureSearch(config), accelerator, args.channels_last)
+    model = prepare_model_layout(NASiamForArchitectureSearch(config), accelerator, args.channels_last,
+                                 getattr(args, "torch_compile", False))
     global_batch = batch * accelerator.num_processes
     lr = scaled_lr(args.learning_rate, global_batch)
     accelerator.print(
@@ -208,8 +242,10 @@ def run_search(args: argparse.Namespace) -> Path:
         f"{len(train_half)} train + {len(val_half)} val images, global batch {global_batch}, "
         f"effective lr {lr:.4g} (= {args.learning_rate} x {global_batch}/256)"
     )
-    weight_optimizer = build_weight_optimizer(model.weight_parameters(), lr, args.weight_decay)
-    arch_optimizer = build_arch_optimizer(model, args.arch_learning_rate, args.arch_weight_decay)
+    implementation = getattr(args, "optimizer_implementation", "auto")
+    weight_optimizer = build_weight_optimizer(model.weight_parameters(), lr, args.weight_decay,
+                                              implementation=implementation)
+    arch_optimizer = build_arch_optimizer(model, args.arch_learning_rate, args.arch_weight_decay, implementation)
     model, weight_optimizer, arch_optimizer, train_loader, val_loader = accelerator.prepare(
         model, weight_optimizer, arch_optimizer, train_loader, val_loader
     )
@@ -240,7 +276,21 @@ def run_search(args: argparse.Namespace) -> Path:
             state["val_epoch"] += 1
             state["val_step"] = 0
 
+    sums = DeviceSums(3)  # train loss, val loss, collapse std of the steps not yet folded into state["running"]
+    log_every = getattr(args, "logging_steps", 1)
+
+    def fold_sums() -> list[float] | None:
+        """Move the device-side sums into state["running"] (one host sync); the means of the folded steps."""
+        values, count = sums.drain()
+        if not count:
+            return None
+        for i, value in enumerate(values):
+            state["running"][i] += value
+        state["running"][3] += count
+        return [v / count for v in values]
+
     def on_epoch_end(epoch: int) -> None:
+        fold_sums()
         running = state["running"]
         means = mean_over_ranks(accelerator, [r / max(running[3], 1) for r in running[:3]])
         record = search_epoch_record(supernet, epoch, *means, lr=scheduler.get_last_lr()[0])
@@ -253,19 +303,24 @@ def run_search(args: argparse.Namespace) -> Path:
             atomic_write_json(Path(args.output_dir) / "search_history.json", state["history"])
 
     val_iter = validation_batches()
-    loop = StepLoop(accelerator, args, train_loader, state, total_steps, checkpointer, on_epoch_end, desc="search")
+    loop = StepLoop(accelerator, args, train_loader, state, total_steps, checkpointer, on_epoch_end, desc="search",
+                    before_save=fold_sums)
     model.train()
     for epoch, train_batch in loop:
         where = f"epoch {epoch}, step {state['global_step'] + 1}"
-        a_out = alpha_step(supernet, next(val_iter), arch_optimizer, accelerator,
+        val_batch = next(val_iter)
+        if on_device:
+            train_batch, val_batch = train_views(train_batch), val_views(val_batch)
+        a_out = alpha_step(supernet, val_batch, arch_optimizer, accelerator,
                            guard=lambda loss: check_finite(loss, f"{where} (alpha step)", checkpointer))
         momentum = momentum_for_step(config, state["global_step"], total_steps)
         w_out = weight_step(model, train_batch, weight_optimizer, scheduler, accelerator, momentum,
                             guard=lambda loss: check_finite(loss, f"{where} (weight step)", checkpointer))
-        train_loss, val_loss = w_out.loss.item(), a_out.loss.item()
-        for i, value in enumerate((train_loss, val_loss, w_out.collapse_std.item(), 1)):
-            state["running"][i] += value
-        loop.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", genotype=genotype_summary(supernet.genotype()))
+        sums.add(w_out.loss, a_out.loss, w_out.collapse_std)
+        if (state["global_step"] + 1) % log_every == 0:
+            means = fold_sums()
+            loop.set_postfix(loss=f"{means[0]:.3f}", val=f"{means[1]:.3f}",
+                             genotype=genotype_summary(supernet.genotype()))
 
     state["history"]["genotype"] = supernet.genotype()
     if accelerator.is_main_process:
@@ -276,4 +331,4 @@ def run_search(args: argparse.Namespace) -> Path:
     if args.push_to_hub and accelerator.is_main_process:
         push_folder_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
     accelerator.end_training()
-    return Path(args.output_dir)
+    return supernet

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch import distributed as dist
 
 from .fileio import atomic_write_json, read_json
@@ -29,8 +29,13 @@ TRAINER_STATE_FILE = "trainer_state.json"
 RUNTIME_FLAGS = frozenset({
     "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo",
     "with_tracking", "report_to", "checkpointing_steps", "checkpoints_total_limit", "dataloader_num_workers",
-    "cache_dir", "output_dir",
+    "cache_dir", "output_dir", "torch_compile", "optimizer_implementation", "logging_steps",
 })
+AUGMENTATION_DEVICES = ("loader", "accelerator")
+# Flags added after runs already existed: a run saved without one ran as its default does, so a resume at the
+# default is the same run.
+LATER_FLAG_DEFAULTS = {"augmentation_device": "loader"}
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,7 +61,6 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size:
     g.add_argument("--num_warmup_epochs", type=float, default=0.0)
     g.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
                    help="Defaults to the accelerate config (or 'no').")
-    g.add_argument("--channels_last", action="store_true", help="Run the backbone in channels_last memory format.")
     g.add_argument("--checkpointing_steps", type=str, default="epoch",
                    help="Save a resumable checkpoint every N steps, or 'epoch', or 'no'.")
     g.add_argument("--checkpoints_total_limit", type=int, default=2, help="How many checkpoints to keep.")
@@ -68,6 +72,20 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size:
     g.add_argument("--hub_model_id", type=str, default=None)
     g.add_argument("--hub_token", type=str, default=None)
     g.add_argument("--hub_private_repo", action="store_true")
+    s = parser.add_argument_group("speed")
+    s.add_argument("--channels_last", action="store_true",
+                   help="Run the backbone in channels_last memory format (model and input batches).")
+    s.add_argument("--augmentation_device", choices=AUGMENTATION_DEVICES, default="loader",
+                   help="Where the random views are drawn: 'loader' (torchvision on each PIL image in the DataLoader) "
+                        "or 'accelerator' (the loader only decodes; whole uint8 batches are augmented on the training "
+                        "device by nasiam_hf.augment, seeded per sample).")
+    s.add_argument("--torch_compile", action="store_true",
+                   help="torch.compile the backbone in place (state-dict keys unchanged); the first steps compile.")
+    s.add_argument("--optimizer_implementation", choices=OPTIMIZER_IMPLEMENTATIONS, default="auto",
+                   help="Optimizer kernels: 'fused' (one kernel per step), 'foreach' (multi-tensor), 'for_loop'; "
+                        "'auto' takes fused where this torch build supports it for the device, else foreach.")
+    s.add_argument("--logging_steps", type=int, default=25,
+                   help="Refresh the progress-bar losses every N steps (reading them waits for the device).")
 
 
 def check_common_args(args: argparse.Namespace) -> None:
@@ -78,6 +96,8 @@ def check_common_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{key} must be at least 1, got {value}")
     if args.learning_rate is not None and args.learning_rate <= 0:
         raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if getattr(args, "logging_steps", 1) < 1:
+        raise ValueError(f"--logging_steps must be at least 1, got {args.logging_steps}")
     steps = args.checkpointing_steps
     if not (steps in ("epoch", "no") or (steps.isdigit() and int(steps) > 0)):
         raise ValueError(f"--checkpointing_steps must be a positive integer, 'epoch' or 'no', got {steps!r}")
@@ -86,10 +106,13 @@ def check_common_args(args: argparse.Namespace) -> None:
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The run's Accelerator. Batches move to the device with non-blocking copies (the loaders pin their memory on
+    CUDA machines), so the copy of the next batch overlaps the work already queued."""
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=args.report_to if args.with_tracking else None,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.output_dir),
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     set_seed(args.seed)
     return accelerator
@@ -99,13 +122,92 @@ def is_multi_gpu(accelerator: Accelerator) -> bool:
     return accelerator.num_processes > 1 and accelerator.device.type == "cuda"
 
 
-def prepare_model_layout(model: torch.nn.Module, accelerator: Accelerator, channels_last: bool) -> torch.nn.Module:
-    """SyncBatchNorm only on several GPUs (it raises on CPU/gloo); optional channels_last memory format."""
+def prepare_model_layout(model: torch.nn.Module, accelerator: Accelerator, channels_last: bool,
+                         torch_compile: bool = False) -> torch.nn.Module:
+    """SyncBatchNorm only on several GPUs (it raises on CPU/gloo); optional channels_last memory format; optional
+    in-place ``torch.compile`` of every ResNet trunk.
+
+    ``channels_last`` also marks the model (``uses_channels_last``) so the step functions convert their input
+    batches, which makes the first convolution read channels_last too. Compiling goes through ``Module.compile()``,
+    which compiles the module's call in place: parameter names, ``state_dict`` and ``save_pretrained`` stay as they
+    are (no ``_orig_mod.`` prefix). Only calls of the trunk itself (``trunk(x)``, as in pretraining and search) run
+    compiled.
+    """
+    from .backbones import ResNetTrunk
+
     if is_multi_gpu(accelerator):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model._nasiam_channels_last = bool(channels_last)
+    if torch_compile:
+        for module in model.modules():
+            if isinstance(module, ResNetTrunk):
+                module.compile(dynamic=False)
     return model
+
+
+def uses_channels_last(model: torch.nn.Module) -> bool:
+    """Whether :func:`prepare_model_layout` put ``model`` in channels_last."""
+    return bool(getattr(model, "_nasiam_channels_last", False))
+
+
+def fused_optimizer_supported(device_type: str) -> bool:
+    """Whether this torch build has fused SGD/Adam/AdamW kernels for ``device_type`` (CPU ones since torch 2.4)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return device_type in _get_fused_kernels_supported_devices()
+    except ImportError:  # pragma: no cover - very old or very new torch
+        return device_type == "cuda"
+
+
+def build_optimizer(cls: type[torch.optim.Optimizer], params, implementation: str = "auto", **kwargs
+                    ) -> torch.optim.Optimizer:
+    """``cls(params, **kwargs)`` with the step kernels of ``implementation``.
+
+    "fused" one kernel for all parameters (SGD, Adam, AdamW; CUDA, and CPU since torch 2.4), "foreach" one kernel
+    per operation over all parameters, "for_loop" per parameter. "auto" asks for fused when the parameters' device
+    has fused kernels in this torch build and falls back to foreach when the optimizer refuses fused.
+    """
+    if implementation not in OPTIMIZER_IMPLEMENTATIONS:
+        raise ValueError(f"optimizer implementation must be one of {OPTIMIZER_IMPLEMENTATIONS}, got {implementation!r}")
+    params = list(params)
+    if implementation == "foreach":
+        return cls(params, foreach=True, **kwargs)
+    if implementation == "for_loop":
+        return cls(params, foreach=False, **kwargs)
+    if implementation == "fused":
+        return cls(params, fused=True, **kwargs)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    device = tensors[0].device.type if tensors else "cpu"
+    if fused_optimizer_supported(device):
+        try:
+            return cls(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):  # e.g. an optimizer or dtype without a fused kernel
+            pass
+    return cls(params, foreach=True, **kwargs)
+
+
+class DeviceSums:
+    """Running sums of per-step scalars kept on the device, so the training loop does not wait for the device
+    every step; :meth:`drain` reads (one host sync) and resets them."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.sums: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, *values: torch.Tensor) -> None:
+        step = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
+        self.sums = step if self.sums is None else self.sums + step
+        self.count += 1
+
+    def drain(self) -> tuple[list[float], int]:
+        """(sums, number of steps) since the last drain."""
+        sums = [0.0] * self.size if self.sums is None else self.sums.tolist()
+        count, self.sums, self.count = self.count, None, 0
+        return sums, count
 
 
 def cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -147,6 +249,7 @@ def guard_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> None
     current = run_identity(args)
     if saved_path.exists():
         saved = read_json(saved_path)
+        saved = {**{k: v for k, v in LATER_FLAG_DEFAULTS.items() if k in current}, **saved}
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if diff and not args.overwrite_output_dir:
             shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:6])
@@ -286,19 +389,21 @@ class StepLoop:
     """Epoch and step bookkeeping shared by the training commands.
 
     Iterating yields ``(epoch, batch)``; after each step it counts, calls ``on_epoch_end(epoch)`` at the end of an
-    epoch, saves checkpoints when due and, on a stop request agreed by all ranks, saves one and exits. ``state``
-    (a JSON-able dict) holds the position (``epoch``, ``step_in_epoch``, ``global_step``) and whatever the caller
-    keeps in it; it is what a checkpoint's ``trainer_state.json`` stores, so a resumed run skips exactly the batches
-    already seen (views are seeded per sample and epoch, so it sees the same ones).
+    epoch, saves checkpoints when due (calling ``before_save()`` first, to fold device-side sums into ``state``)
+    and, on a stop request agreed by all ranks, saves one and exits. ``state`` (a JSON-able dict) holds the position
+    (``epoch``, ``step_in_epoch``, ``global_step``) and whatever the caller keeps in it; it is what a checkpoint's
+    ``trainer_state.json`` stores, so a resumed run skips exactly the batches already seen (views are seeded per
+    sample and epoch, so it sees the same ones).
     """
 
     def __init__(self, accelerator: Accelerator, args: argparse.Namespace, loader, state: dict, total_steps: int,
-                 checkpointer: Checkpointer, on_epoch_end=None, desc: str = "train"):
+                 checkpointer: Checkpointer, on_epoch_end=None, desc: str = "train", before_save=None):
         self.accelerator, self.args, self.loader, self.state = accelerator, args, loader, state
         self.total_steps, self.checkpointer = total_steps, checkpointer
         self.steps_per_epoch = len(loader)
         self.epochs = math.ceil(total_steps / self.steps_per_epoch)
         self.on_epoch_end = on_epoch_end
+        self.before_save = before_save
         self.desc = desc
 
     def __iter__(self):
@@ -328,6 +433,8 @@ class StepLoop:
                         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
                     stopping = stop.should_stop(acc)
                     if checkpoint_due(self.args, state["global_step"], end_of_epoch) or stopping:
+                        if self.before_save is not None:
+                            self.before_save()
                         path = self.checkpointer.save(state["global_step"], state)
                         if stopping:
                             exit_for_preemption(acc, path)

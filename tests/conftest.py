@@ -71,3 +71,50 @@ def run_cli(args, timeout=600, env=None, cwd=None):
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                 "OMP_NUM_THREADS": "2", **(env or {})}
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO_ROOT)
+
+
+@pytest.fixture
+def one_thread():
+    """Two shared cores: several intra-op threads fighting other processes are ~10x slower than one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+BLOCK_PACKAGE = '''
+import sys, importlib.abc
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "nasiam_hf":
+            raise ImportError("nasiam_hf must not be imported here")
+sys.meta_path.insert(0, _Block())
+'''
+
+
+def run_without_package(script: str):
+    """Run a Python script in a subprocess where importing nasiam_hf fails (as for a user without the package)."""
+    import sys
+    import textwrap
+
+    return run_cli([sys.executable, "-c", BLOCK_PACKAGE + textwrap.dedent(script)], env={"OMP_NUM_THREADS": "1"},
+                   timeout=300)
+
+
+def accelerate_launch(script: str, *args, num_processes: int = 1, env=None, timeout=600):
+    """A real ``accelerate launch`` of a repository script (one CPU process, or several over gloo)."""
+    import sys
+
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    if num_processes > 1:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher += ["--multi_gpu", "--main_process_port", str(port)]
+        env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    else:
+        launcher += ["--cpu"]
+    return run_cli([*launcher, script, *map(str, args)], env=env, timeout=timeout)

@@ -1,15 +1,14 @@
 """Downstream use: classifier and backbone heads, image processor, pipelines, DETR on a NASiam backbone, fine-tuning."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
+
+from conftest import run_without_package
 
 import nasiam_hf  # noqa: F401  (registers the Auto classes)
 from nasiam_hf import NASiamBackbone, NASiamConfig, NASiamForImageClassification, NASiamForPreTraining, NASiamModel
@@ -25,12 +24,8 @@ MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.2, 0.3)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Two shared cores: several intra-op threads fighting other processes are ~10x slower than one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    pass
 
 
 def busy_statistics(model: nn.Module) -> nn.Module:
@@ -93,13 +88,7 @@ def test_auto_classes_and_remote_code(folders, tmp_path):
     assert saved["auto_map"]["AutoBackbone"] == "modeling_nasiam.NASiamBackbone"
     build_image_processor(8, MEAN, STD, "cifar").save_pretrained(tmp_path / "clf")
     # Without nasiam_hf: the modeling code saved in the folders serves both pipelines.
-    script = textwrap.dedent(f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] == "nasiam_hf":
-                    raise ImportError("nasiam_hf must not be imported here")
-        sys.meta_path.insert(0, Block())
+    result = run_without_package(f"""
         import torch
         torch.set_num_threads(1)
         from PIL import Image
@@ -112,10 +101,6 @@ def test_auto_classes_and_remote_code(folders, tmp_path):
         assert len(feats[0]) == 512
         print("OK", type(preds).__name__)
     """)
-    import os
-
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK list" in result.stdout
 

@@ -27,12 +27,8 @@ from nasiam_hf.export import (
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Two shared cores: several intra-op threads fighting other processes are ~10x slower than one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    pass
 
 
 def randomise_bn(module: nn.Module, seed: int = 0) -> nn.Module:

@@ -1,13 +1,12 @@
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+
+from conftest import run_without_package
 
 import nasiam_hf
 from nasiam_hf import NASiamConfig, NASiamForArchitectureSearch, NASiamForPreTraining, NASiamModel
@@ -85,13 +84,7 @@ def test_trust_remote_code_loads_without_the_package(tmp_path):
     model.save_pretrained(tmp_path)
     x, _ = views()
     torch.save({"x": x, "y": model(x).pooler_output.detach()}, tmp_path / "ref.pt")
-    script = textwrap.dedent(f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] == "nasiam_hf":
-                    raise ImportError("nasiam_hf must not be imported here")
-        sys.meta_path.insert(0, Block())
+    result = run_without_package(f"""
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
@@ -100,8 +93,6 @@ def test_trust_remote_code_loads_without_the_package(tmp_path):
         assert torch.equal(model(ref["x"]).pooler_output, ref["y"]), "outputs differ"
         print("OK", type(model).__name__)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK NASiamModel" in result.stdout
 

@@ -2,7 +2,6 @@
 ``training/linear_eval.py``; the other frameworks in-process."""
 
 import json
-import sys
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from conftest import run_cli
+from conftest import accelerate_launch
 from nasiam_hf import NASiamConfig, NASiamForPreTraining, NASiamModel
 from nasiam_hf.commands import linear_eval as linear_eval_command
 from nasiam_hf.commands import pretrain as pretrain_command
@@ -23,12 +22,11 @@ TINY = ["--per_device_train_batch_size", "8", "--image_size", "8", "--seed", "1"
 def pretrained(tiny_parquet, tmp_path_factory):
     train, test = tiny_parquet
     out = tmp_path_factory.mktemp("pretrain") / "simsiam"
-    result = run_cli([
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "training/pretrain.py",
-        "--train_file", str(train), "--validation_file", str(test), "--genotype", "simsiam-cifar10-resnet18",
-        "--output_dir", str(out), "--num_train_epochs", "2", "--checkpointing_steps", "epoch", *TINY,
-    ])
+    result = accelerate_launch(
+        "training/pretrain.py", "--train_file", train, "--validation_file", test, "--genotype",
+        "simsiam-cifar10-resnet18", "--output_dir", out, "--num_train_epochs", "2", "--checkpointing_steps", "epoch",
+        *TINY,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     linear_eval_command.main([
         "--model_name_or_path", str(out), "--train_file", str(train), "--validation_file", str(test),

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, run_cli
+from conftest import REPO_ROOT, accelerate_launch, run_cli
 from nasiam_hf import NASiamConfig, NASiamModel
 from nasiam_hf.search_space import SEARCH_SPACES
 
@@ -22,11 +22,8 @@ SEARCH_ARGS = ["--per_device_train_batch_size", "8", "--seed", "3", "--image_siz
 def search_run(tiny_parquet, tmp_path_factory):
     train, _ = tiny_parquet
     out = tmp_path_factory.mktemp("search") / "run"
-    result = run_cli([
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "training/search.py",
-        "--train_file", str(train), "--output_dir", str(out), "--num_train_epochs", "2", *SEARCH_ARGS,
-    ])
+    result = accelerate_launch("training/search.py", "--train_file", train, "--output_dir", out,
+                               "--num_train_epochs", "2", *SEARCH_ARGS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result
 
