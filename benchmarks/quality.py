@@ -13,6 +13,7 @@ genotype (``simsiam-cifar10-resnet18``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -49,14 +50,16 @@ def run(genotype: str, args: argparse.Namespace) -> dict:
     train, test = data / "train.parquet", data / "test.parquet"
     out = Path(args.output_dir) / genotype
     started = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the final JSON
+        pretrain_command.main([
+            "--train_file", str(train), "--validation_file", str(test), "--genotype", genotype,
+            "--output_dir", str(out), "--overwrite_output_dir", "--num_train_epochs", str(args.epochs),
+            "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", "0.06",
+            "--seed", str(args.seed), "--knn_every", str(args.epochs), "--checkpointing_steps", "no",
+            *args.extra,
+        ])
+    # After the pretraining, so this Accelerator joins the state (mixed precision included) that the run set up.
     before = random_init_knn(genotype, train, test, args.seed)
-    pretrain_command.main([
-        "--train_file", str(train), "--validation_file", str(test), "--genotype", genotype,
-        "--output_dir", str(out), "--overwrite_output_dir", "--num_train_epochs", str(args.epochs),
-        "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", "0.06",
-        "--seed", str(args.seed), "--knn_every", str(args.epochs), "--checkpointing_steps", "no",
-        *args.extra,
-    ])
     history = json.loads((out / "training_history.json").read_text())
     last = history["epochs"][-1]
     images_per_second = [e["images_per_second"] for e in history["epochs"]]

@@ -39,7 +39,8 @@ def stage_channels(name: str) -> list[int]:
 
 
 class ResNetTrunk(nn.Module):
-    """A torchvision ResNet without its classifier; ``cifar_stem`` swaps the 7x7/2 conv and max-pool for a 3x3/1 conv."""
+    """A torchvision ResNet without its classifier; ``cifar_stem`` swaps the 7x7/2 conv and max-pool for a 3x3/1
+    conv."""
 
     def __init__(self, name: str = "resnet18", cifar_stem: bool = True, num_channels: int = 3):
         super().__init__()
@@ -54,15 +55,15 @@ class ResNetTrunk(nn.Module):
             setattr(self, attr, getattr(net, attr))
         self.num_features = width
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps of the stem and of each stage, in the order of ``STAGE_NAMES``."""
+    def forward(self, x: torch.Tensor, return_stages: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Globally average-pooled last-stage features ``(B, num_features)``, or with ``return_stages`` the feature
+        maps of the stem and of each stage, in the order of ``STAGE_NAMES``.
+
+        Both go through ``__call__``, so a trunk compiled in place (``--torch_compile``) runs compiled for every user.
+        """
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         maps = [x]
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = stage(x)
             maps.append(x)
-        return maps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Globally average-pooled last-stage features, ``(B, num_features)``."""
-        return self.forward_stages(x)[-1].mean(dim=(2, 3))
+        return maps if return_stages else x.mean(dim=(2, 3))

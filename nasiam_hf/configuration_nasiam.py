@@ -116,7 +116,8 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
                     f"predictor_layers must be a positive integer for {self.framework}, got {self.predictor_layers!r}"
                 )
             if not isinstance(self.predictor_hidden_size, int) or self.predictor_hidden_size < 1:
-                raise ValueError(f"predictor_hidden_size must be a positive integer, got {self.predictor_hidden_size!r}")
+                raise ValueError(
+                    f"predictor_hidden_size must be a positive integer, got {self.predictor_hidden_size!r}")
         elif self.predictor_layers or self.predictor_genotype:
             raise ValueError(
                 f"framework {self.framework!r} has no predictor; got predictor_layers={self.predictor_layers!r}, "

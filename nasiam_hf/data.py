@@ -29,7 +29,12 @@ if TYPE_CHECKING:  # `datasets` is imported lazily: the model code must work on 
 
 logger = logging.getLogger(__name__)
 
-DATASET_ALIASES = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100", "imagenet": "ILSVRC/imagenet-1k"}
+# Short dataset names accepted by --dataset_name, mapped to their Hub ids.
+DATASET_ALIASES = {
+    "cifar10": "uoft-cs/cifar10", "cifar-10": "uoft-cs/cifar10",
+    "cifar100": "uoft-cs/cifar100", "cifar-100": "uoft-cs/cifar100",
+    "imagenet": "ILSVRC/imagenet-1k", "imagenet-1k": "ILSVRC/imagenet-1k",
+}
 
 NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

@@ -44,7 +44,7 @@ def load_classifier(model_name_or_path: str, num_labels: int, id2label: dict[int
 
 
 def build_finetune_optimizer(model, lr: float, weight_decay: float, classifier_lr_multiplier: float,
-                             momentum: float = 0.9) -> torch.optim.SGD:
+                             momentum: float = 0.9, implementation: str = "auto") -> torch.optim.SGD:
     """SGD over the trainable parameters: the backbone at ``lr`` (group 0, absent when frozen), the classifier at
     ``lr * classifier_lr_multiplier`` (last group)."""
     classifier = [p for p in model.classifier.parameters() if p.requires_grad]
@@ -54,7 +54,10 @@ def build_finetune_optimizer(model, lr: float, weight_decay: float, classifier_l
     if backbone:
         groups.append({"params": backbone, "lr": lr})
     groups.append({"params": classifier, "lr": lr * classifier_lr_multiplier})
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    from .trainer import build_optimizer
+
+    return build_optimizer(torch.optim.SGD, groups, implementation, lr=lr, momentum=momentum,
+                           weight_decay=weight_decay)
 
 
 @torch.no_grad()
@@ -119,11 +122,16 @@ def run_finetune(args: argparse.Namespace) -> Path:
     config.image_size = splits.image_size
     if args.freeze_backbone:
         model.freeze_backbone()
-    model = prepare_model_layout(model, accelerator, args.channels_last)
+    model = prepare_model_layout(model, accelerator, args.channels_last, args.torch_compile)
 
     batch = args.per_device_train_batch_size
     workers = args.dataloader_num_workers
-    train_set = view_dataset_for(splits, "train", "light", seed=args.seed, augment=not args.no_augmentation)
+    on_device = args.augmentation_device == "accelerator"
+    # on the device: the loader only decodes and the light views are drawn per batch, seeded per sample
+    make_view = splits.batch_augmenter("eval" if args.no_augmentation else "light", args.seed,
+                                       num_views=1) if on_device else None
+    train_set = view_dataset_for(splits, "train", "light", seed=args.seed, augment=not args.no_augmentation,
+                                 mode="decode" if on_device else None)
     train_loader = make_loader(train_set, batch, shuffle=True, seed=args.seed, drop_last=len(train_set) > batch,
                                num_workers=workers)
     eval_loader = None
@@ -135,7 +143,8 @@ def run_finetune(args: argparse.Namespace) -> Path:
 
     global_batch = batch * accelerator.num_processes
     lr = args.learning_rate * global_batch / 256
-    optimizer = build_finetune_optimizer(model, lr, args.weight_decay, args.classifier_lr_multiplier)
+    optimizer = build_finetune_optimizer(model, lr, args.weight_decay, args.classifier_lr_multiplier,
+                                         implementation=args.optimizer_implementation)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator.print(
         f"finetune: {config.backbone} ({'frozen' if args.freeze_backbone else 'trained'} backbone), "
@@ -188,6 +197,8 @@ def run_finetune(args: argparse.Namespace) -> Path:
     model.train()
     for epoch, batch_data in loop:
         where = f"epoch {epoch}, step {state['global_step'] + 1}"
+        if make_view is not None:
+            batch_data = make_view(batch_data)
         with accelerator.autocast():
             out = model(pixel_values=batch_data["pixel_values"], labels=batch_data["labels"])
         check_finite(out.loss, where, checkpointer)
@@ -287,7 +298,7 @@ def finish_classifier_card(folder: Path, eval_results: dict | None, splits) -> P
                            card.text, count=1, flags=re.DOTALL)
     lines += ["", "```python", "import nasiam_hf  # or trust_remote_code=True without the package",
               "from transformers import pipeline", "",
-              f'classifier = pipeline("image-classification", model="path/to/this/folder")',
+              'classifier = pipeline("image-classification", model="path/to/this/folder")',
               'print(classifier("image.png"))', "```", ""]
     atomic_write_text(path, str(card).rstrip() + "\n" + "\n".join(lines))
     return path

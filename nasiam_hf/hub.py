@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from .data import DATASET_ALIASES
 from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text  # re-exported: one implementation
 from .presets import BASELINE_PRESETS, PAPER_PRESETS
 from .search_space import identity_share
@@ -74,15 +75,6 @@ FRAMEWORK_NAMES = {"simsiam": "SimSiam", "simclr": "SimCLR", "mocov2": "MoCo v2"
 BACKBONE_NAMES = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50"}
 OUTPUT_LAYER_NAMES = {"linear_bn": "Linear + BN(affine=False)", "linear": "Linear"}
 
-# Short dataset names the scripts accept, mapped to their Hub dataset ids.
-DATASET_ALIASES = {
-    "cifar10": "uoft-cs/cifar10",
-    "cifar-10": "uoft-cs/cifar10",
-    "cifar100": "uoft-cs/cifar100",
-    "cifar-100": "uoft-cs/cifar100",
-    "imagenet": "ILSVRC/imagenet-1k",
-    "imagenet-1k": "ILSVRC/imagenet-1k",
-}
 DATASET_PRETTY_NAMES = {
     "uoft-cs/cifar10": "CIFAR-10", "uoft-cs/cifar100": "CIFAR-100", "ILSVRC/imagenet-1k": "ImageNet-1k",
 }
@@ -256,9 +248,11 @@ def plot_search_history(history: Mapping, folder: str | os.PathLike) -> list[Pat
     fig = _new_figure(2.6 * columns, 2.3 * len(cells) + 0.9)
     axes = fig.subplots(len(cells), columns, squeeze=False, sharey=True)
     uniform = 1.0 / len(ops)
-    peak = max((float(w) for row in epochs for cell, _ in cells
-                for layer in ((row.get("op_weights") or {}).get(cell) or []) for w in layer), default=1.0)
-    top = min(1.0, max(peak, uniform) * 1.08)
+    # zoomed on the range the weights cover (short searches move them little), the uniform level included
+    values = [float(w) for row in epochs for cell, _ in cells
+              for layer in ((row.get("op_weights") or {}).get(cell) or []) for w in layer] + [uniform]
+    margin = 0.1 * (max(values) - min(values)) or 0.01
+    bottom, top = max(0.0, min(values) - margin), min(1.0, max(values) + margin)
     for r, (cell, layers) in enumerate(cells):
         for c in range(columns):
             ax = axes[r][c]
@@ -275,7 +269,7 @@ def plot_search_history(history: Mapping, folder: str | os.PathLike) -> list[Pat
                 ax.plot(xs, ys, color=op_colour(op, ops), label=op, linewidth=1.4, **_line_style(len(xs)))
             ax.axhline(uniform, color="black", linewidth=0.6, linestyle=":")
             ax.set_title(f"{cell} layer {c + 1}", fontsize=9)
-            ax.set_ylim(0.0, top)
+            ax.set_ylim(bottom, top)
             ax.tick_params(labelsize=7)
             if r == len(cells) - 1 or c >= cells[r + 1][1]:  # no panel below this one
                 ax.set_xlabel("epoch", fontsize=8)

@@ -57,7 +57,8 @@ def run_linear_eval(args: argparse.Namespace) -> dict:
     model_path = args.model_name_or_path
     output_dir = Path(args.output_dir or model_path)
     if args.output_dir is None and not os.path.isdir(model_path):
-        raise ValueError(f"--model_name_or_path {model_path!r} is not a local folder: pass --output_dir for the results")
+        raise ValueError(
+            f"--model_name_or_path {model_path!r} is not a local folder: pass --output_dir for the results")
     accelerator = make_accelerator(args)
     model = load_for_evaluation(model_path)
     if args.image_size is None:

@@ -146,7 +146,7 @@ class NASiamModel(NASiamPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        maps = self.backbone.forward_stages(pixel_values)
+        maps = self.backbone(pixel_values, return_stages=True)
         last = maps[-1]
         pooled = last.mean(dim=(2, 3))
         hidden_states = tuple(maps) if output_hidden_states else None
@@ -446,7 +446,7 @@ class NASiamBackbone(BackboneMixin, NASiamPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        maps = self.backbone.forward_stages(pixel_values)
+        maps = self.backbone(pixel_values, return_stages=True)
         wanted = set(self.out_features)
         feature_maps = tuple(m for name, m in zip(self.stage_names, maps) if name in wanted)
         hidden_states = tuple(maps) if output_hidden_states else None

@@ -203,7 +203,8 @@ class Genotype:
     predictor: list[str] | None = None
 
     def to_dict(self) -> dict[str, list[str] | None]:
-        return {"projector": list(self.projector), "predictor": None if self.predictor is None else list(self.predictor)}
+        predictor = None if self.predictor is None else list(self.predictor)
+        return {"projector": list(self.projector), "predictor": predictor}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Genotype":

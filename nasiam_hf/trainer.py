@@ -32,9 +32,6 @@ RUNTIME_FLAGS = frozenset({
     "cache_dir", "output_dir", "torch_compile", "optimizer_implementation", "logging_steps",
 })
 AUGMENTATION_DEVICES = ("loader", "accelerator")
-# Flags added after runs already existed: a run saved without one ran as its default does, so a resume at the
-# default is the same run.
-LATER_FLAG_DEFAULTS = {"augmentation_device": "loader"}
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 
 
@@ -130,8 +127,7 @@ def prepare_model_layout(model: torch.nn.Module, accelerator: Accelerator, chann
     ``channels_last`` also marks the model (``uses_channels_last``) so the step functions convert their input
     batches, which makes the first convolution read channels_last too. Compiling goes through ``Module.compile()``,
     which compiles the module's call in place: parameter names, ``state_dict`` and ``save_pretrained`` stay as they
-    are (no ``_orig_mod.`` prefix). Only calls of the trunk itself (``trunk(x)``, as in pretraining and search) run
-    compiled.
+    are (no ``_orig_mod.`` prefix).
     """
     from .backbones import ResNetTrunk
 
@@ -249,7 +245,6 @@ def guard_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> None
     current = run_identity(args)
     if saved_path.exists():
         saved = read_json(saved_path)
-        saved = {**{k: v for k, v in LATER_FLAG_DEFAULTS.items() if k in current}, **saved}
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if diff and not args.overwrite_output_dir:
             shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:6])

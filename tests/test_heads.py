@@ -51,7 +51,8 @@ def test_discrete_head_follows_genotype_and_output_rule():
     # predictor: Linear+BN+Hardswish 2048->512, two avg pools + BN, then a plain Linear 512->2048 (no BN)
     assert isinstance(predictor.layers[0][2], nn.Hardswish)
     last = predictor.layers[-1]
-    assert isinstance(last, nn.Linear) and last.in_features == 512 and last.out_features == 2048 and last.bias is not None
+    assert isinstance(last, nn.Linear) and (last.in_features, last.out_features) == (512, 2048)
+    assert last.bias is not None
 
 
 @pytest.mark.parametrize("framework,out_dim", [("simsiam", 2048), ("simclr", 128), ("mocov2", 128), ("byol", 256)])

@@ -56,7 +56,8 @@ def test_save_and_load_are_bit_identical(tmp_path, framework):
     assert set(weights) == set(model.state_dict())
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "nasiam" and saved["projector_genotype"] == config.projector_genotype
-    assert isinstance(saved["projector_genotype"], list) and all(isinstance(op, str) for op in saved["projector_genotype"])
+    assert isinstance(saved["projector_genotype"], list)
+    assert all(isinstance(op, str) for op in saved["projector_genotype"])
     for loader in (NASiamModel.from_pretrained, AutoModel.from_pretrained):
         loaded = loader(tmp_path).eval()
         assert type(loaded) is NASiamModel

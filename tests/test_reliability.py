@@ -60,7 +60,8 @@ def test_package_never_unpickles_or_evaluates():
             assert name not in ("eval", "exec", "pickle.load", "pickle.loads"), f"{path.name}: {name}"
             if name == "torch.load":
                 kwargs = {k.arg: ast.unparse(k.value) for k in node.keywords}
-                assert kwargs.get("weights_only") == "True", f"{path.name}:{node.lineno} torch.load without weights_only"
+                where = f"{path.name}:{node.lineno}"
+                assert kwargs.get("weights_only") == "True", f"{where} torch.load without weights_only"
 
 
 def test_output_dir_holding_a_different_run_is_refused(tiny_parquet, tmp_path, capsys):
@@ -152,3 +153,40 @@ def test_publish_files_replaces_each_file_whole(tmp_path):
     publish_files(staged, folder)
     assert sorted(os.listdir(folder)) == ["config.json", "keep.txt"]
     assert not staged.exists()
+
+
+def test_unknown_genotype_on_the_command_line(tiny_parquet, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain(tiny_parquet, tmp_path / "run", "--genotype", "simsiam-imagenet-resnet18")
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "'simsiam-imagenet-resnet18' is neither a search output folder nor a preset" in message
+    assert "simsiam-cifar10-resnet18" in message
+
+
+def test_incomplete_checkpoints_are_never_resumed(tmp_path):
+    from accelerate import Accelerator
+
+    from nasiam_hf.trainer import TRAINER_STATE_FILE, Checkpointer
+
+    checkpointer = Checkpointer(Accelerator(cpu=True), tmp_path)
+    root = tmp_path / "checkpoints"
+    (root / "step-00000004").mkdir(parents=True)
+    (root / "step-00000004" / TRAINER_STATE_FILE).write_text("{}")
+    (root / "step-00000010").mkdir()  # killed before its state file was written
+    (root / ".staging-step-00000012").mkdir()  # killed mid-save
+    (root / ".staging-step-00000012" / TRAINER_STATE_FILE).write_text("{}")
+    assert checkpointer.resolve("latest") == root / "step-00000004"
+    with pytest.raises(ValueError, match=r"is not a complete checkpoint folder.*step-00000004"):
+        checkpointer.resolve(str(root / "step-00000010"))
+    assert Checkpointer(Accelerator(cpu=True), tmp_path / "new").resolve("latest") is None
+
+
+def test_linear_eval_without_an_evaluation_split(tiny_parquet, tmp_path, capsys):
+    from nasiam_hf.commands import linear_eval
+
+    train, _ = tiny_parquet
+    NASiamModel(NASiamConfig(image_size=8)).save_pretrained(tmp_path / "model")
+    with pytest.raises(SystemExit):
+        linear_eval.main(["--model_name_or_path", str(tmp_path / "model"), "--train_file", str(train)])
+    assert "has no evaluation split: pass --validation_file" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The search end to end: a real ``accelerate launch training/search.py`` and an interrupted-then-resumed search."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def test_interrupted_search_resumes_to_the_same_alphas(tiny_parquet, tmp_path):
 
     interrupted = tmp_path / "interrupted"
     env = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([*common, "--output_dir", str(interrupted)], cwd=REPO_ROOT, env={**__import__("os").environ, **env},
+    proc = subprocess.Popen([*common, "--output_dir", str(interrupted)], cwd=REPO_ROOT, env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not list((interrupted / "checkpoints").glob("step-*")) and time.time() < deadline:
@@ -95,7 +96,8 @@ def test_interrupted_search_resumes_to_the_same_alphas(tiny_parquet, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {interrupted / 'checkpoints'}" in result.stdout + result.stderr
     assert torch.allclose(_final_alphas(interrupted), _final_alphas(straight), atol=1e-6, rtol=0)
-    assert json.loads((interrupted / "genotype.json").read_text()) == json.loads((straight / "genotype.json").read_text())
+    genotype = json.loads((straight / "genotype.json").read_text())
+    assert json.loads((interrupted / "genotype.json").read_text()) == genotype
     # the last checkpoints hold the same supernet (weights, alphas, momentum encoder, queue)
     a = load_file(straight / "checkpoints" / "step-00000012" / "model.safetensors")
     b = load_file(interrupted / "checkpoints" / "step-00000012" / "model.safetensors")

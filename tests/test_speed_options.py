@@ -31,15 +31,6 @@ BF16_TOLERANCE = 5e-2
 
 
 @pytest.fixture
-def single_thread():
-    """One intra-op thread: on a small shared machine, threads that wait for each other cost more than they give."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
 def fresh_accelerator():
     """Accelerators of different mixed precision in one process (Accelerate keeps a singleton state)."""
     def make(mixed_precision: str) -> Accelerator:
@@ -53,7 +44,7 @@ def fresh_accelerator():
 
 
 @pytest.mark.parametrize("framework", ["simsiam", "simclr", "mocov2", "byol"])
-def test_channels_last_and_bf16_losses_match_fp32(framework, fresh_accelerator, single_thread):
+def test_channels_last_and_bf16_losses_match_fp32(framework, fresh_accelerator, one_thread):
     model = NASiamForPreTraining(NASiamConfig(framework=framework, image_size=16)).train()
     g = torch.Generator().manual_seed(1)
     batch = {key: torch.randn(8, 3, 16, 16, generator=g) for key in ("pixel_values", "pixel_values_2")}
@@ -214,7 +205,7 @@ def _alphas(folder):
     return torch.tensor([w for layers in history["epochs"][-1]["op_weights"].values() for w in layers])
 
 
-def test_search_with_speed_flags_resumes_exactly(tiny_parquet, tmp_path, fresh_accelerator, single_thread):
+def test_search_with_speed_flags_resumes_exactly(tiny_parquet, tmp_path, fresh_accelerator, one_thread):
     from nasiam_hf.commands import search as search_command
 
     train, _ = tiny_parquet
@@ -233,7 +224,7 @@ def test_search_with_speed_flags_resumes_exactly(tiny_parquet, tmp_path, fresh_a
     assert all(torch.isfinite(torch.tensor(e["train_loss"])) for e in history["epochs"])
 
 
-def test_pretraining_with_speed_flags(tiny_parquet, tmp_path, fresh_accelerator, single_thread):
+def test_pretraining_with_speed_flags(tiny_parquet, tmp_path, fresh_accelerator, one_thread):
     from nasiam_hf import NASiamModel
     from nasiam_hf.commands import pretrain as pretrain_command
 

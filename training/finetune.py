@@ -1,5 +1,6 @@
 """Fine-tune a NASiam backbone for classification:
-``accelerate launch training/finetune.py --model_name_or_path runs/model --dataset_name cifar10 --output_dir runs/ft``."""
+``accelerate launch training/finetune.py --model_name_or_path runs/model --dataset_name cifar10 \
+--output_dir runs/ft``."""
 
 from nasiam_hf.commands.finetune import main
 

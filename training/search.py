@@ -1,4 +1,5 @@
-"""Run NASiam's architecture search: ``accelerate launch training/search.py --dataset_name demo --output_dir runs/x``."""
+"""Run NASiam's architecture search:
+``accelerate launch training/search.py --dataset_name demo --output_dir runs/x``."""
 
 from nasiam_hf.commands.search import main
 

@@ -19,7 +19,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--framework", choices=FRAMEWORKS, default="simsiam")
     g.add_argument("--backbone", choices=sorted(BACKBONES), default="resnet18")
     g.add_argument("--search_space", type=str, default="S",
-                   help="'S' (7 ops), 'S_no_pool' (the paper's S'), or a comma list of spaces/ops, e.g. 'S,linear_mish'.")
+                   help="'S' (7 ops), 'S_no_pool' (the paper's S'), or a comma list of spaces/ops, "
+                        "e.g. 'S,linear_mish'.")
     g.add_argument("--projector_layers", type=int, default=None, help="Default: 6 (MoCo v2: 4).")
     g.add_argument("--predictor_layers", type=int, default=None, help="Default: 4 (SimSiam and BYOL only).")
     g.add_argument("--train_portion", type=float, default=0.5,
