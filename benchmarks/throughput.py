@@ -200,9 +200,9 @@ def bench_steps(args, variant: str, tmp: Path, compile_backbone: bool = False) -
     from nasiam_hf.modeling_nasiam import NASiamForArchitectureSearch, NASiamForPreTraining
     from nasiam_hf.pretrain import build_pretraining_optimizer
     from nasiam_hf.search import (
-        alpha_step, build_arch_optimizer, build_weight_optimizer, momentum_for_step, scaled_lr, weight_step,
+        alpha_step, build_arch_optimizer, build_weight_optimizer, momentum_for_step, weight_step,
     )
-    from nasiam_hf.trainer import Checkpointer, check_finite, prepare_model_layout
+    from nasiam_hf.trainer import Checkpointer, check_finite, prepare_model_layout, scaled_lr
 
     precision, channels_last = VARIANTS[variant]
     accelerator = new_accelerator(precision, args.device)

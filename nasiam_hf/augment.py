@@ -39,9 +39,8 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
-from .data import blur_kernel_size, decode_size
+from .data import POLICIES, TRANSFORM_KINDS, blur_kernel_size, decode_size, view_key
 
-KINDS = ("ssl", "light", "eval")
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -303,10 +302,10 @@ class BatchAugmenter:
 
     def __init__(self, kind: str, policy: str, image_size: int, mean: Sequence[float], std: Sequence[float],
                  seed: int = 0, num_views: int = 2):
-        if kind not in KINDS:
-            raise ValueError(f"unknown augmentation kind {kind!r}; expected one of {KINDS}")
-        if policy not in ("cifar", "imagenet"):
-            raise ValueError(f"unknown policy {policy!r}; expected 'cifar' or 'imagenet'")
+        if kind not in TRANSFORM_KINDS:
+            raise ValueError(f"unknown augmentation kind {kind!r}; expected one of {TRANSFORM_KINDS}")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
         self.kind, self.policy, self.image_size = kind, policy, int(image_size)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.seed, self.num_views = int(seed), int(num_views)
@@ -363,7 +362,7 @@ class BatchAugmenter:
         for view in range(self.num_views):
             if first is None or self.kind != "eval":  # eval views carry no randomness: draw one, share it
                 first = self.view(images, index, epoch, view)
-            out["pixel_values" if view == 0 else f"pixel_values_{view + 1}"] = first
+            out[view_key(view)] = first
         return out
 
 

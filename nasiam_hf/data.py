@@ -50,20 +50,19 @@ LABEL_COLUMN_CANDIDATES = ("label", "fine_label", "labels")
 EVAL_SPLIT_CANDIDATES = ("test", "validation", "valid", "val")
 LOCAL_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 POLICIES = ("cifar", "imagenet")
+IMAGENET_CROP_RATIO = 0.875  # evaluation crop / resized side (224 / 256)
 TRANSFORM_KINDS = ("ssl", "light", "eval")
 VIEW_MODES = ("two_view", "single", "decode")
 
-# Known datasets by alias or Hub id (lower case) -> key of NORMALIZATION and policy.
+# Known datasets by Hub id (lower case) -> key of NORMALIZATION; their aliases are looked up through DATASET_ALIASES.
 _KNOWN = {
-    "cifar10": "cifar10",
-    "uoft-cs/cifar10": "cifar10",
-    "cifar100": "cifar100",
-    "uoft-cs/cifar100": "cifar100",
-    "imagenet": "imagenet",
-    "ilsvrc/imagenet-1k": "imagenet",
-    "imagenet-1k": "imagenet",
-    "demo": "demo",
+    "uoft-cs/cifar10": "cifar10", "uoft-cs/cifar100": "cifar100", "ilsvrc/imagenet-1k": "imagenet", "demo": "demo",
 }
+
+
+def _known_dataset(name: str) -> str | None:
+    """The NORMALIZATION key of a known dataset (by Hub id or alias), else None."""
+    return _KNOWN.get(DATASET_ALIASES.get(name.lower(), name).lower())
 
 
 @dataclass
@@ -172,29 +171,19 @@ def _is_connection_error(error: BaseException) -> bool:
     return False
 
 
-def _hub_offline() -> bool:
-    """Whether offline mode is switched on (the env var is read too: the libraries read it only at import)."""
-    try:
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            return True
-    except Exception:  # pragma: no cover - huggingface_hub is a dependency of datasets
-        pass
-    flags = (os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return any(flag in {"1", "ON", "YES", "TRUE"} for flag in flags)
-
-
 def _load_hub(dataset_id: str, config_name: str | None, cache_dir: str | None) -> datasets.DatasetDict:
     """``load_dataset`` on a Hub id, turning 'not cached while offline' into an actionable error."""
     import datasets
+
+    from .hub import offline_mode
 
     try:
         loaded = datasets.load_dataset(dataset_id, config_name, cache_dir=cache_dir)
     except Exception as error:
         if not _is_connection_error(error):
             raise
-        why = "offline mode is on (HF_HUB_OFFLINE=1)" if _hub_offline() else "the Hugging Face Hub cannot be reached"
+        offline = offline_mode("HF_DATASETS_OFFLINE")
+        why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face Hub cannot be reached"
         raise ValueError(
             f"Dataset {dataset_id!r} is not in the local cache and {why}, so it cannot be downloaded. "
             "Pass local data with --train_file (parquet) or --train_dir (image folder), or run once online to cache "
@@ -520,7 +509,7 @@ def load_image_splits(
         if dataset is not None and len(dataset) == 0:
             raise ValueError(f"The {where} is empty after {flag}.")
 
-    known = _KNOWN.get(name.lower())
+    known = _known_dataset(name)
     if image_size is None:
         if known == "imagenet":
             image_size = 224
@@ -577,6 +566,14 @@ def blur_kernel_size(image_size: int) -> int:
     return kernel if kernel % 2 else kernel + 1
 
 
+def resize_edge(image_size: int, policy: str) -> int:
+    """The shorter side an image is resized to before the evaluation centre crop: ``image_size`` for the CIFAR
+    policy, ``int(image_size / 0.875)`` (256 at 224) for ImageNet."""
+    if policy not in POLICIES:
+        raise ValueError(f"Unknown policy {policy!r}; expected one of {POLICIES}.")
+    return int(image_size) if policy == "cifar" else int(image_size / IMAGENET_CROP_RATIO)
+
+
 def build_transform(
     kind: str, policy: str, image_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> Callable:
@@ -592,11 +589,8 @@ def build_transform(
     if policy not in POLICIES:
         raise ValueError(f"Unknown policy {policy!r}; expected one of {POLICIES}.")
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    if kind == "eval":
-        if policy == "cifar":  # no-ops at the native size; square output otherwise
-            steps = [v2.Resize(image_size), v2.CenterCrop(image_size)]
-        else:
-            steps = [v2.Resize(int(image_size / 0.875)), v2.CenterCrop(image_size)]
+    if kind == "eval":  # CIFAR: no-ops at the native size, square output otherwise
+        steps = [v2.Resize(resize_edge(image_size, policy)), v2.CenterCrop(image_size)]
     elif kind == "light":
         if policy == "cifar":
             steps = [v2.Resize(image_size), v2.CenterCrop(image_size), v2.RandomCrop(image_size, padding=4)]
@@ -621,7 +615,7 @@ def decode_size(policy: str, image_size: int) -> int:
     ``image_size`` then happens on the device."""
     if policy not in POLICIES:
         raise ValueError(f"Unknown policy {policy!r}; expected one of {POLICIES}.")
-    return int(image_size) if policy == "cifar" else int(round(image_size / 0.875))
+    return int(image_size) if policy == "cifar" else int(round(image_size / IMAGENET_CROP_RATIO))
 
 
 def build_decode_transform(policy: str, image_size: int) -> Callable:
@@ -655,7 +649,8 @@ def _decode_rgb_batch(batch: dict) -> dict:
     return batch
 
 
-def _view_key(view: int) -> str:
+def view_key(view: int) -> str:
+    """The batch key of view ``view``: ``pixel_values``, ``pixel_values_2``, ..."""
     return "pixel_values" if view == 0 else f"pixel_values_{view + 1}"
 
 
@@ -736,7 +731,7 @@ class ViewDataset(torch.utils.data.Dataset):
                 for view, transform in enumerate(self.transforms):
                     torch.manual_seed(view_seed(self.seed, epoch, index, view))
                     pixels = transform(batch["image"][j])
-                    sample[_view_key(view)] = pixels.as_subclass(torch.Tensor) if torch.is_tensor(pixels) else pixels
+                    sample[view_key(view)] = pixels.as_subclass(torch.Tensor) if torch.is_tensor(pixels) else pixels
                 sample["labels"] = int(batch["label"][j])
                 sample["index"] = index
                 samples.append(sample)
@@ -982,10 +977,12 @@ __all__ = [
     "find_epoch_sampler",
     "load_image_splits",
     "make_loader",
+    "resize_edge",
     "set_loader_epoch",
     "split_in_halves",
     "splits_from_args",
     "to_rgb",
     "view_dataset_for",
+    "view_key",
     "view_seed",
 ]

@@ -15,7 +15,6 @@ therefore holds the same features, computes the same kNN scores and, on cached f
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import set_loader_epoch
+from .trainer import cosine_factor
 
 FEATURE_NORMS = ("batchnorm", "none")
 
@@ -256,15 +256,11 @@ def build_linear_classifier(num_features: int, num_classes: int, config: LinearP
     return nn.Sequential(linear)
 
 
-def _cosine_factor(step: int, total: int) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
-
-
 def _make_optimizer(classifier: nn.Module, config: LinearProbeConfig, total_steps: int):
     optimizer = torch.optim.SGD(
         classifier.parameters(), lr=config.effective_lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _cosine_factor(step, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, 0, total_steps))
     return optimizer, scheduler
 
 
@@ -341,7 +337,8 @@ def train_linear_probe(
     for epoch in range(config.epochs):
         classifier.train()
         order = torch.randperm(n, generator=generator).to(device)
-        loss_sum, correct, seen = 0.0, 0, 0
+        # sums stay on the device (read once per epoch), so the steps are queued without waiting for each other
+        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device), 0
         for step in range(steps_per_epoch):
             idx = order[step * batch_size : (step + 1) * batch_size]
             logits = classifier(features[idx])
@@ -351,10 +348,11 @@ def train_linear_probe(
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
-            loss_sum += loss.item() * idx.shape[0]
-            correct += (logits.argmax(1) == labels[idx]).sum().item()
+            loss_sum += loss.detach() * idx.shape[0]
+            correct += (logits.argmax(1) == labels[idx]).sum()
             seen += idx.shape[0]
-        history.append(_epoch_record(epoch, loss_sum, correct, seen, lr, classifier, eval_features, eval_labels))
+        history.append(_epoch_record(epoch, loss_sum.item(), correct.item(), seen, lr, classifier, eval_features,
+                                     eval_labels))
     classifier.eval()
     return classifier, history
 
@@ -389,7 +387,9 @@ def train_linear_probe_on_images(
     total_steps = len(train_loader) * config.epochs
     try:
         for epoch in range(config.epochs):
-            loss_sum, correct, seen = 0.0, 0, 0
+            # device-side sums, read once per epoch
+            loss_sum = torch.zeros((), device=accelerator.device)
+            correct, seen = torch.zeros((), dtype=torch.long, device=accelerator.device), 0
             set_loader_epoch(train_loader, epoch)
             for batch in tqdm(train_loader, desc=f"linear probe epoch {epoch}",
                               disable=not accelerator.is_local_main_process, leave=False):
@@ -412,13 +412,13 @@ def train_linear_probe_on_images(
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
-                loss_sum += loss.item() * labels.shape[0]
-                correct += (logits.argmax(1) == labels).sum().item()
+                loss_sum += loss.detach() * labels.shape[0]
+                correct += (logits.argmax(1) == labels).sum()
                 seen += labels.shape[0]
             if classifier is None:
                 raise ValueError("the training loader yielded no batches")
-            history.append(_epoch_record(epoch, loss_sum, correct, seen, lr, accelerator.unwrap_model(classifier),
-                                         eval_features, eval_labels))
+            history.append(_epoch_record(epoch, loss_sum.item(), correct.item(), seen, lr,
+                                         accelerator.unwrap_model(classifier), eval_features, eval_labels))
     finally:
         if was_training is not None:
             encoder.train(was_training)

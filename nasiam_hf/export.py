@@ -160,12 +160,8 @@ def _read_state_dict(source: Any) -> dict[str, torch.Tensor]:
 
 def _trunk_weights(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop a classifier (``fc.*``) and a leading ``module.`` (DataParallel) from a torchvision state dict."""
-    cleaned = {}
-    for key, value in state_dict.items():
-        key = key[len("module."):] if key.startswith("module.") else key
-        if not key.startswith("fc."):
-            cleaned[key] = value
-    return cleaned
+    stripped = ((key.removeprefix("module."), value) for key, value in state_dict.items())
+    return {key: value for key, value in stripped if not key.startswith("fc.")}
 
 
 def torchvision_resnet(path: str | os.PathLike) -> nn.Module:
@@ -194,9 +190,18 @@ def torchvision_resnet(path: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
+def _backbone_fields(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The config fields that the weights of a backbone (described by :func:`describe_state_dict`) fix."""
+    return {"backbone": info["arch"], "cifar_stem": info["cifar_stem"], "num_channels": info["num_channels"]}
+
+
+def _config_values(info: Mapping[str, Any]) -> dict[str, Any]:
+    """Config values for a model around these weights: their fields, and 224-pixel inputs for the ImageNet stem."""
+    return {**_backbone_fields(info), **({} if info["cifar_stem"] else {"image_size": 224})}
+
+
 def _check_backbone_config(config: NASiamConfig, info: Mapping[str, Any], where: str) -> None:
-    wanted = {"backbone": info["arch"], "cifar_stem": info["cifar_stem"], "num_channels": info["num_channels"]}
-    wrong = {k: (getattr(config, k), v) for k, v in wanted.items() if getattr(config, k) != v}
+    wrong = {k: (getattr(config, k), v) for k, v in _backbone_fields(info).items() if getattr(config, k) != v}
     if wrong:
         shown = ", ".join(f"{k}={have!r} but the weights need {need!r}" for k, (have, need) in wrong.items())
         raise ValueError(f"config does not fit the weights of {where}: {shown}")
@@ -215,10 +220,7 @@ def import_torchvision(source: Any, config: NASiamConfig | None = None, **config
     info = describe_state_dict(weights)
     where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
     if config is None:
-        values = {"backbone": info["arch"], "cifar_stem": info["cifar_stem"], "num_channels": info["num_channels"]}
-        if not info["cifar_stem"]:
-            values["image_size"] = 224
-        config = NASiamConfig(**{**values, **config_overrides})
+        config = NASiamConfig(**{**_config_values(info), **config_overrides})
     elif config_overrides:
         raise ValueError("pass either a config or config overrides, not both")
     _check_backbone_config(config, info, where)
@@ -486,8 +488,7 @@ def load_official_checkpoint(
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{path} does not hold a checkpoint dict")
     state = loaded["state_dict"] if isinstance(loaded.get("state_dict"), Mapping) else loaded
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()
-             if isinstance(v, torch.Tensor)}
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     framework = framework or _official_framework(list(state))
     if framework not in _OFFICIAL_LAYOUT:
         raise ValueError(f"the official code has no {framework!r} model; known: {sorted(_OFFICIAL_LAYOUT)}")
@@ -497,10 +498,7 @@ def load_official_checkpoint(
     if arch is not None and arch in BACKBONES and arch != info["arch"]:
         raise ValueError(f"{path}: 'arch' says {arch} but the weights are a {info['arch']}")
 
-    values: dict[str, Any] = {"framework": framework, "backbone": info["arch"], "cifar_stem": info["cifar_stem"],
-                              "num_channels": info["num_channels"]}
-    if not info["cifar_stem"]:
-        values["image_size"] = 224
+    values: dict[str, Any] = {"framework": framework, **_config_values(info)}
     cells = None
     if genotype is not None:
         parsed = genotype if isinstance(genotype, Mapping) else parse_official_genotype(genotype)

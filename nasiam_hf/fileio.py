@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -90,3 +92,16 @@ def publish_files(staged: str | os.PathLike, folder: str | os.PathLike) -> list[
         moved.append(target)
     shutil.rmtree(staged, ignore_errors=True)
     return moved
+
+
+@contextlib.contextmanager
+def staged_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """A fresh staging folder inside ``folder`` to write into; when the block completes, :func:`publish_files` moves
+    its files into ``folder``. The staging folder is removed whatever happens, so a failed or killed save leaves the
+    previous files as they were."""
+    staged = staging_dir(Path(folder) / "staged")
+    try:
+        yield staged
+        publish_files(staged, folder)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)

@@ -26,6 +26,10 @@ from typing import Any
 import torch
 
 from .fileio import atomic_write_json
+from .trainer import (
+    Checkpointer, StepLoop, build_cosine_schedule, build_optimizer, check_finite, guard_output_dir, make_accelerator,
+    mean_over_ranks, prepare_model_layout, scaled_lr, start_tracking,
+)
 
 HISTORY_FILE = "finetune_history.json"
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -54,8 +58,6 @@ def build_finetune_optimizer(model, lr: float, weight_decay: float, classifier_l
     if backbone:
         groups.append({"params": backbone, "lr": lr})
     groups.append({"params": classifier, "lr": lr * classifier_lr_multiplier})
-    from .trainer import build_optimizer
-
     return build_optimizer(torch.optim.SGD, groups, implementation, lr=lr, momentum=momentum,
                            weight_decay=weight_decay)
 
@@ -89,13 +91,6 @@ def evaluate_accuracy(model, loader, accelerator) -> dict[str, float | None]:
     }
 
 
-def _mean_over_ranks(accelerator, value: float) -> float:
-    if accelerator.num_processes == 1:
-        return value
-    tensor = torch.tensor([value], device=accelerator.device, dtype=torch.float32)
-    return accelerator.reduce(tensor, reduction="mean").item()
-
-
 def _hub_model_id(path: str) -> str | None:
     """The base model for the card's metadata: only a Hub id, never a local path."""
     return None if os.path.exists(path) or path.count("/") != 1 else path
@@ -104,10 +99,6 @@ def _hub_model_id(path: str) -> str | None:
 def run_finetune(args: argparse.Namespace) -> Path:
     from .data import make_loader, splits_from_args, view_dataset_for
     from .hub import push_folder_to_hub
-    from .trainer import (
-        Checkpointer, StepLoop, build_cosine_schedule, check_finite, guard_output_dir, make_accelerator,
-        prepare_model_layout,
-    )
 
     accelerator = make_accelerator(args)
     splits = splits_from_args(args)
@@ -142,7 +133,7 @@ def run_finetune(args: argparse.Namespace) -> Path:
         accelerator.print("no evaluation split found: accuracy is not measured (pass --validation_file/_dir)")
 
     global_batch = batch * accelerator.num_processes
-    lr = args.learning_rate * global_batch / 256
+    lr = scaled_lr(args.learning_rate, global_batch)
     optimizer = build_finetune_optimizer(model, lr, args.weight_decay, args.classifier_lr_multiplier,
                                          implementation=args.optimizer_implementation)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -158,24 +149,19 @@ def run_finetune(args: argparse.Namespace) -> Path:
     scheduler = accelerator.prepare(
         build_cosine_schedule(optimizer, accelerator, args, len(train_loader), total_steps)
     )
-    if args.with_tracking:
-        accelerator.init_trackers("nasiam-finetune", {k: v for k, v in vars(args).items()
-                                                      if isinstance(v, (int, float, str, bool))})
+    start_tracking(accelerator, args, "nasiam-finetune")
 
     checkpointer = Checkpointer(accelerator, args.output_dir, args.checkpoints_total_limit)
     state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "running": [0.0, 0, 0, 0],
                              "history": {"epochs": []}}
-    resume = checkpointer.resolve(args.resume_from_checkpoint)
-    if resume is not None:
-        state = checkpointer.load(resume)
-        accelerator.print(f"resumed from {resume} (epoch {state['epoch']}, step {state['global_step']})")
+    state = checkpointer.resume(args.resume_from_checkpoint, state)
     output_dir = Path(args.output_dir)
     timer = {"start": time.perf_counter()}
 
     def on_epoch_end(epoch: int) -> None:
         loss_sum, steps, correct, seen = state["running"]
-        record = {"epoch": epoch, "loss": _mean_over_ranks(accelerator, loss_sum / max(steps, 1)),
-                  "train_top1": 100.0 * _mean_over_ranks(accelerator, correct / max(seen, 1)),
+        loss, accuracy = mean_over_ranks(accelerator, [loss_sum / max(steps, 1), correct / max(seen, 1)])
+        record = {"epoch": epoch, "loss": loss, "train_top1": 100.0 * accuracy,
                   "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - timer["start"]}
         if eval_loader is not None:
             metrics = evaluate_accuracy(model, eval_loader, accelerator)
@@ -245,10 +231,10 @@ def finetune_eval_results(history: dict, args: argparse.Namespace, splits) -> di
 def write_finetune_outputs(model, history: dict, output_dir: Path, args: argparse.Namespace, splits) -> None:
     """The classifier folder: weights and config, image processor, history, eval results, arguments, model card."""
     from .hub import save_run_metadata, write_model_card
-    from .processing import image_processor_for_splits
+    from .processing import save_image_processor
 
     model.save_pretrained(output_dir)
-    image_processor_for_splits(splits).save_pretrained(output_dir)
+    save_image_processor(output_dir, splits)
     atomic_write_json(output_dir / HISTORY_FILE, history)
     eval_results = finetune_eval_results(history, args, splits)
     if eval_results is not None:

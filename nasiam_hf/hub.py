@@ -55,7 +55,7 @@ from urllib.parse import urlparse
 from .data import DATASET_ALIASES
 from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text  # re-exported: one implementation
 from .presets import BASELINE_PRESETS, PAPER_PRESETS
-from .search_space import identity_share
+from .search_space import has_width_adapter, identity_share
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -310,7 +310,7 @@ def plot_search_history(history: Mapping, folder: str | os.PathLike) -> list[Pat
 
 def _layer_label(op: str, d_in: int, d_out: int, is_output: bool) -> str:
     notes = []
-    if d_in != d_out and not op.startswith("linear_"):
+    if has_width_adapter(op, d_in, d_out):
         notes.append("+ Linear adapter")
     if is_output:
         notes.append("output: no BN")
@@ -497,7 +497,7 @@ def _genotype_rows(config: "NASiamConfig", cell: str) -> list[dict[str, str]]:
     rows = []
     for i, (op, (d_in, d_out, out)) in enumerate(zip(config.genotype(cell), spec.layer_shapes()), start=1):
         notes = []
-        if d_in != d_out and not op.startswith("linear_"):
+        if has_width_adapter(op, d_in, d_out):
             notes.append("Linear width adapter first")
         if out:
             notes.append("output layer: no BN, no activation")
@@ -698,11 +698,13 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _offline() -> bool:
+def offline_mode(*env_vars: str) -> bool:
+    """Whether Hugging Face offline mode is on: huggingface_hub's ``HF_HUB_OFFLINE``, or ``HF_HUB_OFFLINE`` and
+    ``env_vars`` in the environment now (the libraries read them only when imported)."""
     from huggingface_hub import constants
 
-    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return bool(constants.HF_HUB_OFFLINE) or flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    flags = (os.environ.get(name, "").strip().upper() for name in ("HF_HUB_OFFLINE", *env_vars))
+    return bool(constants.HF_HUB_OFFLINE) or any(flag in {"1", "ON", "YES", "TRUE"} for flag in flags)
 
 
 def _uses_proxy(scheme: str) -> bool:
@@ -759,7 +761,7 @@ def push_folder_to_hub(
         raise FileNotFoundError(f"cannot push {folder}: no such folder")
     patterns = list(ignore_patterns or ())
     hint = _upload_hint(folder, repo_id, patterns)
-    if _offline():
+    if offline_mode("TRANSFORMERS_OFFLINE"):
         raise RuntimeError(
             f"Cannot push to the Hub: offline mode is on (HF_HUB_OFFLINE=1; unset it to push).\n{hint}"
         )

@@ -8,7 +8,6 @@
 
 import copy
 import math
-import shutil
 from dataclasses import dataclass
 
 import torch
@@ -16,12 +15,21 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention
+from transformers.modeling_outputs import (
+    BackboneOutput,
+    BaseModelOutputWithPoolingAndNoAttention,
+    ImageClassifierOutputWithNoAttention,
+)
 from transformers.utils import ModelOutput
 
-from .backbones import ResNetTrunk
+try:  # transformers >= 5.20 moved the backbone helpers to the top level
+    from transformers.backbone_utils import BackboneMixin
+except ImportError:  # pragma: no cover - older 5.x
+    from transformers.utils.backbone_utils import BackboneMixin
+
+from .backbones import ResNetTrunk, stage_channels
 from .configuration_nasiam import NASiamConfig
-from .fileio import publish_files, staging_dir
+from .fileio import staged_files
 from .heads import MLPHead, SearchCell
 from .objectives import (
     MoCoQueue,
@@ -80,13 +88,8 @@ class NASiamPreTrainedModel(PreTrainedModel):
         if kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
             return super().save_pretrained(save_directory, *args, **kwargs)
         self.config.auto_map = auto_map()
-        staged = staging_dir(save_directory)
-        try:
+        with staged_files(save_directory) as staged:
             super().save_pretrained(staged, *args, **kwargs)
-            publish_files(staged, save_directory)
-        finally:
-            if staged.exists():
-                shutil.rmtree(staged, ignore_errors=True)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Conv2d):
@@ -323,17 +326,7 @@ class NASiamForArchitectureSearch(NASiamForPreTraining):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Downstream heads: image classification and a detection/segmentation backbone.
-# (Imported here, next to the classes that use them, so this part of the file stays self-contained.)
 # ---------------------------------------------------------------------------------------------------------------------
-from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutputWithNoAttention  # noqa: E402
-
-try:  # transformers >= 5.20 moved the backbone helpers to the top level
-    from transformers.backbone_utils import BackboneMixin  # noqa: E402
-except ImportError:  # pragma: no cover - older 5.x
-    from transformers.utils.backbone_utils import BackboneMixin  # noqa: E402
-
-from .backbones import stage_channels  # noqa: E402
-
 # Keys of a NASiam checkpoint that a downstream model does not use: the SSL heads (with or without the "nasiam."
 # prefix, depending on which class saved the checkpoint) and, for the backbone, a fine-tuned classifier.
 _HEAD_KEYS = r"^(nasiam\.)?(projector|predictor)\."

@@ -11,10 +11,14 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from .configuration_nasiam import NASiamConfig, check_preset
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, read_json
 from .modeling_nasiam import NASiamForPreTraining
 from .presets import PRESETS, RECIPES
-from .search import build_weight_optimizer, mean_over_ranks, momentum_for_step, scaled_lr, weight_step
+from .search import build_weight_optimizer, momentum_for_step, weight_step
+from .trainer import (
+    Checkpointer, DeviceSums, StepLoop, build_cosine_schedule, check_finite, guard_output_dir, make_accelerator,
+    mean_over_ranks, prepare_model_layout, scaled_lr, start_tracking,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +103,6 @@ def run_pretrain(args: argparse.Namespace) -> NASiamForPreTraining:
     from .data import make_loader, splits_from_args, view_dataset_for
     from .evaluation import evaluate_knn
     from .hub import push_folder_to_hub
-    from .trainer import (
-        Checkpointer, DeviceSums, StepLoop, build_cosine_schedule, check_finite, guard_output_dir, make_accelerator,
-        prepare_model_layout,
-    )
 
     accelerator = make_accelerator(args)
     splits = splits_from_args(args)
@@ -115,7 +115,7 @@ def run_pretrain(args: argparse.Namespace) -> NASiamForPreTraining:
     guard_output_dir(args, accelerator)
     batch = args.per_device_train_batch_size
     workers = args.dataloader_num_workers
-    on_device = getattr(args, "augmentation_device", "loader") == "accelerator"
+    on_device = args.augmentation_device == "accelerator"
     # on the device: the loader only decodes, and the views are drawn per batch, seeded per sample
     make_views = splits.batch_augmenter("eval" if args.no_augmentation else "ssl", args.seed) if on_device else None
     train_loader = make_loader(view_dataset_for(splits, "train", "ssl", seed=args.seed,
@@ -133,12 +133,12 @@ def run_pretrain(args: argparse.Namespace) -> NASiamForPreTraining:
         accelerator.print("no evaluation split found: the kNN monitor is off (pass --validation_file/--validation_dir)")
 
     model = prepare_model_layout(NASiamForPreTraining(config), accelerator, args.channels_last,
-                                 getattr(args, "torch_compile", False))
+                                 args.torch_compile)
     global_batch = batch * accelerator.num_processes
     lr = scaled_lr(args.learning_rate, global_batch)
     fix_predictor = config.framework == "simsiam" and not args.no_fix_predictor_lr
     optimizer, fixed_groups = build_pretraining_optimizer(model, lr, args.weight_decay, fix_predictor,
-                                                          getattr(args, "optimizer_implementation", "auto"))
+                                                          args.optimizer_implementation)
     accelerator.print(
         f"pretrain: {config.framework} / {config.backbone} ({'CIFAR stem' if config.cifar_stem else 'ImageNet stem'}), "
         f"projector {config.genotype('projector')}"
@@ -155,35 +155,22 @@ def run_pretrain(args: argparse.Namespace) -> NASiamForPreTraining:
         build_cosine_schedule(optimizer, accelerator, args, len(train_loader), total_steps, fixed_groups)
     )
     core = accelerator.unwrap_model(model)
-    if args.with_tracking:
-        accelerator.init_trackers("nasiam-pretrain", {k: v for k, v in vars(args).items()
-                                                      if isinstance(v, (int, float, str, bool))})
+    start_tracking(accelerator, args, "nasiam-pretrain")
 
     checkpointer = Checkpointer(accelerator, args.output_dir, args.checkpoints_total_limit)
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "running": [0.0, 0.0, 0], "epoch_start": None,
-             "low_collapse_epochs": 0,
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "running": [0.0, 0.0, 0], "low_collapse_epochs": 0,
              "history": {"epochs": [], "collapse_reference": config.collapse_floor, "framework": config.framework}}
-    resume = checkpointer.resolve(args.resume_from_checkpoint)
-    if resume is not None:
-        state = checkpointer.load(resume)
-        accelerator.print(f"resumed from {resume} (epoch {state['epoch']}, step {state['global_step']})")
+    state = checkpointer.resume(args.resume_from_checkpoint, state)
     watch = CollapseWatch(config.collapse_floor, args.collapse_threshold, args.collapse_patience)
     watch.low = state["low_collapse_epochs"]
     output_dir = Path(args.output_dir)
     timer = {"start": time.perf_counter(), "steps": 0}
 
     sums = DeviceSums(2)  # loss and collapse std of the steps not yet folded into state["running"]
-    log_every = getattr(args, "logging_steps", 1)
+    log_every = args.logging_steps
 
     def fold_sums() -> list[float] | None:
-        """Move the device-side sums into state["running"] (one host sync); the means of the folded steps."""
-        values, count = sums.drain()
-        if not count:
-            return None
-        state["running"][0] += values[0]
-        state["running"][1] += values[1]
-        state["running"][2] += count
-        return [v / count for v in values]
+        return sums.fold_into(state["running"])
 
     def on_epoch_end(epoch: int) -> None:
         fold_sums()
@@ -243,20 +230,15 @@ def write_pretraining_outputs(model: NASiamForPreTraining, history: dict, output
                               args: argparse.Namespace, splits) -> None:
     """The model folder (weights, config, processor), history, plots, arguments and the model card."""
     from .hub import plot_genotype, plot_training_history, save_run_metadata, write_model_card
-
-    from .processing import image_processor_for_splits
+    from .processing import save_image_processor
 
     model.nasiam.save_pretrained(output_dir)
-    image_processor_for_splits(splits).save_pretrained(output_dir)
+    save_image_processor(output_dir, splits)
     atomic_write_json(output_dir / "training_history.json", history)
     save_run_metadata(output_dir, args)
     plot_training_history(history, output_dir)
     plot_genotype(model.config, output_dir / "genotype.png")
     eval_path = output_dir / "eval_results.json"
-    eval_results = None
-    if eval_path.exists():
-        from .fileio import read_json
-
-        eval_results = read_json(eval_path)
+    eval_results = read_json(eval_path) if eval_path.exists() else None
     write_model_card(output_dir, model.config, training_args=vars(args), eval_results=eval_results, history=history,
                      dataset_name=splits.name)

@@ -23,26 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .data import NORMALIZATION, resize_edge
+
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import BitImageProcessor
 
     from .configuration_nasiam import NASiamConfig
     from .data import ImageSplits
 
-POLICIES = ("cifar", "imagenet")
-IMAGENET_CROP_RATIO = 0.875
 # Statistics used when nothing better is known (e.g. a model converted from a torchvision state dict).
-DEFAULT_STATS = {
-    "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),  # CIFAR-10
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
-
-def resize_edge(image_size: int, policy: str) -> int:
-    """The shortest edge an image is resized to before the center crop."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
-    return int(image_size) if policy == "cifar" else int(image_size / IMAGENET_CROP_RATIO)
+DEFAULT_STATS = {"cifar": NORMALIZATION["cifar10"], "imagenet": NORMALIZATION["imagenet"]}
 
 
 def build_image_processor(
@@ -104,6 +94,5 @@ __all__ = [
     "build_image_processor",
     "image_processor_for_config",
     "image_processor_for_splits",
-    "resize_edge",
     "save_image_processor",
 ]

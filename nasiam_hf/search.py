@@ -17,10 +17,14 @@ from accelerate import Accelerator
 from torch import distributed as dist
 
 from .configuration_nasiam import FRAMEWORK_DEFAULTS, NASiamConfig
-from .fileio import atomic_write_json, publish_files, staging_dir
+from .fileio import atomic_write_json, staged_files
 from .modeling_nasiam import NASiamForArchitectureSearch, NASiamPreTrainingOutput
 from .objectives import cosine_momentum
 from .search_space import identity_share
+from .trainer import (
+    Checkpointer, DeviceSums, StepLoop, build_cosine_schedule, build_optimizer, check_finite, guard_output_dir,
+    make_accelerator, mean_over_ranks, prepare_model_layout, scaled_lr, start_tracking, uses_channels_last,
+)
 
 # Architecture optimisers of the paper's code: AdamW(1e-3) in general, Adam(3e-4) for MoCo v2; weight decay 1e-3.
 ARCH_OPTIMIZERS = {"mocov2": (torch.optim.Adam, 3e-4)}
@@ -30,8 +34,6 @@ DEFAULT_ARCH_OPTIMIZER = (torch.optim.AdamW, 1e-3)
 def build_arch_optimizer(model: NASiamForArchitectureSearch, lr: float | None = None,
                          weight_decay: float = 1e-3, implementation: str = "auto") -> torch.optim.Optimizer:
     """AdamW (Adam for MoCo v2) over the alphas; ``implementation`` as in :func:`~.trainer.build_optimizer`."""
-    from .trainer import build_optimizer
-
     cls, default_lr = ARCH_OPTIMIZERS.get(model.config.framework, DEFAULT_ARCH_OPTIMIZER)
     return build_optimizer(cls, model.arch_parameters(), implementation, lr=lr or default_lr, betas=(0.9, 0.999),
                            weight_decay=weight_decay)
@@ -41,15 +43,8 @@ def build_weight_optimizer(params, lr: float, weight_decay: float, momentum: flo
                            implementation: str = "auto") -> torch.optim.SGD:
     """SGD with momentum; ``implementation`` ("auto": fused where supported) as in
     :func:`~.trainer.build_optimizer`."""
-    from .trainer import build_optimizer
-
     return build_optimizer(torch.optim.SGD, params, implementation, lr=lr, momentum=momentum,
                            weight_decay=weight_decay)
-
-
-def scaled_lr(base_lr: float, global_batch: int) -> float:
-    """The linear scaling rule of the recipes: ``base_lr * global_batch / 256``."""
-    return base_lr * global_batch / 256
 
 
 def _all_reduce_mean(grads: list[torch.Tensor]) -> None:
@@ -65,8 +60,6 @@ def _all_reduce_mean(grads: list[torch.Tensor]) -> None:
 
 def model_inputs(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The two views of ``batch``, in channels_last when the (unwrapped) model was prepared that way."""
-    from .trainer import uses_channels_last
-
     views = batch["pixel_values"], batch["pixel_values_2"]
     if uses_channels_last(model):
         views = tuple(v.contiguous(memory_format=torch.channels_last) for v in views)
@@ -163,10 +156,8 @@ def write_search_outputs(model: NASiamForArchitectureSearch, history: dict, outp
     """config.json (a pretraining-ready NASiamConfig), genotype.json, search_history.json and the plots."""
     from .hub import plot_genotype, plot_search_history, save_run_metadata
 
-    output_dir = Path(output_dir)
     config = model.derive_config()
-    staged = staging_dir(output_dir / "search")
-    try:
+    with staged_files(output_dir) as staged:
         config.save_pretrained(staged)
         atomic_write_json(staged / "genotype.json", model.genotype())
         atomic_write_json(staged / "search_history.json", history)
@@ -174,12 +165,6 @@ def write_search_outputs(model: NASiamForArchitectureSearch, history: dict, outp
             save_run_metadata(staged, args)
         plot_search_history(history, staged)
         plot_genotype(config, staged / "genotype.png")
-        publish_files(staged, output_dir)
-    finally:
-        if staged.exists():
-            import shutil
-
-            shutil.rmtree(staged, ignore_errors=True)
     return config
 
 
@@ -196,11 +181,6 @@ def search_config_from_args(args: argparse.Namespace, image_size: int, cifar_ste
     return NASiamConfig(**values)
 
 
-def mean_over_ranks(accelerator: Accelerator, values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    return accelerator.reduce(t, reduction="mean").tolist()
-
-
 def run_search(args: argparse.Namespace) -> NASiamForArchitectureSearch:
     """The whole search: data halves, supernet, interleaved alpha/weight steps, checkpoints, outputs.
 
@@ -208,10 +188,6 @@ def run_search(args: argparse.Namespace) -> NASiamForArchitectureSearch:
     """
     from .data import ViewDataset, make_loader, set_loader_epoch, split_in_halves, splits_from_args
     from .hub import push_folder_to_hub
-    from .trainer import (
-        Checkpointer, DeviceSums, StepLoop, build_cosine_schedule, check_finite, guard_output_dir, make_accelerator,
-        prepare_model_layout,
-    )
 
     accelerator = make_accelerator(args)
     guard_output_dir(args, accelerator)
@@ -220,7 +196,7 @@ def run_search(args: argparse.Namespace) -> NASiamForArchitectureSearch:
     kind = "eval" if args.no_augmentation else "ssl"
     batch = args.per_device_train_batch_size
     workers = args.dataloader_num_workers
-    on_device = getattr(args, "augmentation_device", "loader") == "accelerator"
+    on_device = args.augmentation_device == "accelerator"
     if on_device:  # the loaders only decode; the views are drawn on the device, seeded like the per-image ones
         mode, transform = "decode", splits.decode_transform()
         train_views, val_views = splits.batch_augmenter(kind, args.seed), splits.batch_augmenter(kind, args.seed + 1)
@@ -234,7 +210,7 @@ def run_search(args: argparse.Namespace) -> NASiamForArchitectureSearch:
 
     config = search_config_from_args(args, splits.image_size, cifar_stem=splits.policy == "cifar")
     model = prepare_model_layout(NASiamForArchitectureSearch(config), accelerator, args.channels_last,
-                                 getattr(args, "torch_compile", False))
+                                 args.torch_compile)
     global_batch = batch * accelerator.num_processes
     lr = scaled_lr(args.learning_rate, global_batch)
     accelerator.print(
@@ -242,7 +218,7 @@ def run_search(args: argparse.Namespace) -> NASiamForArchitectureSearch:
         f"{len(train_half)} train + {len(val_half)} val images, global batch {global_batch}, "
         f"effective lr {lr:.4g} (= {args.learning_rate} x {global_batch}/256)"
     )
-    implementation = getattr(args, "optimizer_implementation", "auto")
+    implementation = args.optimizer_implementation
     weight_optimizer = build_weight_optimizer(model.weight_parameters(), lr, args.weight_decay,
                                               implementation=implementation)
     arch_optimizer = build_arch_optimizer(model, args.arch_learning_rate, args.arch_weight_decay, implementation)
@@ -253,17 +229,12 @@ def run_search(args: argparse.Namespace) -> NASiamForArchitectureSearch:
     scheduler = accelerator.prepare(build_cosine_schedule(weight_optimizer, accelerator, args, len(train_loader),
                                                           total_steps))
     supernet = accelerator.unwrap_model(model)
-    if args.with_tracking:
-        accelerator.init_trackers("nasiam-search", {k: v for k, v in vars(args).items()
-                                                    if isinstance(v, (int, float, str, bool))})
+    start_tracking(accelerator, args, "nasiam-search")
 
     checkpointer = Checkpointer(accelerator, args.output_dir, args.checkpoints_total_limit)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "val_epoch": 0, "val_step": 0,
              "history": {"ops": list(config.search_ops), "epochs": []}, "running": [0.0, 0.0, 0.0, 0]}
-    resume = checkpointer.resolve(args.resume_from_checkpoint)
-    if resume is not None:
-        state = checkpointer.load(resume)
-        accelerator.print(f"resumed from {resume} (epoch {state['epoch']}, step {state['global_step']})")
+    state = checkpointer.resume(args.resume_from_checkpoint, state)
 
     def validation_batches():
         """One persistent iterator over the validation half, cycling through its epochs (resumable)."""
@@ -277,17 +248,10 @@ def run_search(args: argparse.Namespace) -> NASiamForArchitectureSearch:
             state["val_step"] = 0
 
     sums = DeviceSums(3)  # train loss, val loss, collapse std of the steps not yet folded into state["running"]
-    log_every = getattr(args, "logging_steps", 1)
+    log_every = args.logging_steps
 
     def fold_sums() -> list[float] | None:
-        """Move the device-side sums into state["running"] (one host sync); the means of the folded steps."""
-        values, count = sums.drain()
-        if not count:
-            return None
-        for i, value in enumerate(values):
-            state["running"][i] += value
-        state["running"][3] += count
-        return [v / count for v in values]
+        return sums.fold_into(state["running"])
 
     def on_epoch_end(epoch: int) -> None:
         fold_sums()

@@ -166,6 +166,12 @@ def validate_genotype(genotype: object, num_layers: int | None, cell: str) -> li
     return ops
 
 
+def has_width_adapter(name: str, d_in: int, d_out: int) -> bool:
+    """Whether op ``name`` between these widths starts with a Linear width adapter (a parameter-free op that changes
+    the width)."""
+    return d_in != d_out and not OPS[check_op_name(name, where="has_width_adapter")].is_linear
+
+
 def build_op(name: str, d_in: int, d_out: int, output: bool = False) -> nn.Module:
     """Build op ``name`` mapping ``(B, d_in) -> (B, d_out)``, following the module docstring's single rule."""
     spec = OPS[check_op_name(name, where="build_op")]
@@ -174,7 +180,7 @@ def build_op(name: str, d_in: int, d_out: int, output: bool = False) -> nn.Modul
             return nn.Linear(d_in, d_out, bias=True)
         return nn.Sequential(nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), spec.activation())
     layers: list[nn.Module] = []
-    if d_in != d_out:
+    if has_width_adapter(name, d_in, d_out):
         if output:
             layers.append(nn.Linear(d_in, d_out, bias=True))
         else:

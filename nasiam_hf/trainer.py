@@ -205,6 +205,28 @@ class DeviceSums:
         count, self.sums, self.count = self.count, None, 0
         return sums, count
 
+    def fold_into(self, running: list) -> list[float] | None:
+        """Drain into ``running`` (the sums onto ``running[:-1]``, the step count onto ``running[-1]``, one host
+        sync); returns the means over the drained steps, or None when there were none."""
+        values, count = self.drain()
+        if not count:
+            return None
+        for i, value in enumerate(values):
+            running[i] += value
+        running[-1] += count
+        return [value / count for value in values]
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """The linear scaling rule of the recipes: ``base_lr * global_batch / 256``."""
+    return base_lr * global_batch / 256
+
+
+def mean_over_ranks(accelerator: Accelerator, values: list[float]) -> list[float]:
+    """The mean of each value over the processes (the values themselves on one process)."""
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(t, reduction="mean").tolist()
+
 
 def cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Linear warmup to 1, then a half cosine down to 0 at ``total_steps``."""
@@ -316,6 +338,16 @@ class Checkpointer:
         self.accelerator.load_state(str(path))
         return read_json(path / TRAINER_STATE_FILE)
 
+    def resume(self, spec: str | None, state: dict) -> dict:
+        """The trainer state to start from: ``state`` when ``spec`` (``--resume_from_checkpoint``) names no
+        checkpoint, else the checkpoint's, whose model, optimiser, scheduler and RNG states are loaded too."""
+        path = self.resolve(spec)
+        if path is None:
+            return state
+        state = self.load(path)
+        self.accelerator.print(f"resumed from {path} (epoch {state['epoch']}, step {state['global_step']})")
+        return state
+
 
 class StopRequest:
     """Turns SIGTERM/SIGINT into a flag checked between steps; ranks agree through an all-reduce."""
@@ -344,6 +376,13 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def start_tracking(accelerator: Accelerator, args: argparse.Namespace, project: str) -> None:
+    """With ``--with_tracking``, start the trackers of ``--report_to`` with the run's scalar arguments."""
+    if args.with_tracking:
+        accelerator.init_trackers(project, {k: v for k, v in vars(args).items()
+                                            if isinstance(v, (int, float, str, bool))})
+
+
 def check_finite(loss: torch.Tensor, where: str, checkpointer: Checkpointer) -> None:
     if not math.isfinite(float(loss.detach())):
         last = checkpointer.checkpoints()
@@ -363,10 +402,11 @@ def checkpoint_due(args: argparse.Namespace, global_step: int, end_of_epoch: boo
     return global_step % int(spec) == 0
 
 
-def run_command(run, args: argparse.Namespace):
-    """Run a command; a bad input or a non-finite loss ends it with a one-line message instead of a traceback."""
+def run_command(run, parse_args, argv: list[str] | None = None):
+    """Parse ``argv`` and run a command; a bad flag value, a bad input or a non-finite loss ends it with a one-line
+    message instead of a traceback."""
     try:
-        return run(args)
+        return run(parse_args(argv))
     except NonFiniteLossError as error:
         sys.exit(f"error: {error}")
     except ValueError as error:

@@ -132,7 +132,7 @@ def test_a_save_killed_midway_leaves_the_previous_model(tmp_path, monkeypatch):
         assert (pathlib.Path(staged) / "model.safetensors").exists()
         raise KeyboardInterrupt("killed during save")
 
-    monkeypatch.setattr("nasiam_hf.modeling_nasiam.publish_files", broken_publish)
+    monkeypatch.setattr("nasiam_hf.fileio.publish_files", broken_publish)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -190,3 +190,19 @@ def test_linear_eval_without_an_evaluation_split(tiny_parquet, tmp_path, capsys)
     with pytest.raises(SystemExit):
         linear_eval.main(["--model_name_or_path", str(tmp_path / "model"), "--train_file", str(train)])
     assert "has no evaluation split: pass --validation_file" in capsys.readouterr().err
+
+
+def test_bad_flag_values_end_with_one_line_errors(tmp_path, capsys):
+    from nasiam_hf.commands import pretrain as pretrain_command
+    from nasiam_hf.commands import search as search_command
+
+    for main, flags, message in (
+        (pretrain_command.main, ["--learning_rate", "-1"], "error: --learning_rate must be positive, got -1.0"),
+        (search_command.main, ["--search_space", "S,linear_foo"], "error: unknown search space or op 'linear_foo'"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--dataset_name", "demo", "--output_dir", str(tmp_path / "run"), *flags])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -85,6 +85,18 @@ def test_registered_op_can_be_searched_and_used():
         ss.OPS.pop("linear_tanh_test")
 
 
+def test_width_adapters_go_in_front_of_parameter_free_ops_only():
+    assert ss.has_width_adapter("identity", 512, 2048) and ss.has_width_adapter("avg_pool_3x3", 2048, 512)
+    assert not ss.has_width_adapter("avg_pool_3x3", 512, 512) and not ss.has_width_adapter("linear_relu", 512, 2048)
+    ss.register_op("tanh_mlp_test", activation=nn.Tanh)  # a linear op whose name does not say so
+    try:
+        assert not ss.has_width_adapter("tanh_mlp_test", 512, 2048)
+    finally:
+        ss.OPS.pop("tanh_mlp_test")
+    with pytest.raises(ValueError, match="unknown op 'linear_foo'"):
+        ss.has_width_adapter("linear_foo", 8, 16)
+
+
 def test_identity_share_counts_only_width_keeping_layers():
     widths = (32, 16, 16, 16, 32)
     assert ss.identity_share(["identity", "identity", "linear_relu", "identity"], widths) == pytest.approx(1 / 2)

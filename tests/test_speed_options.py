@@ -124,6 +124,13 @@ def test_device_sums_fold_without_a_sync_per_step():
         sums.add(torch.tensor(value), torch.tensor(-value))
     assert sums.drain() == ([7.0, -7.0], 3) and sums.drain() == ([0.0, 0.0], 0)
 
+    running = [10.0, 1.0, 5]  # two sums, then the number of steps they cover
+    assert sums.fold_into(running) is None and running == [10.0, 1.0, 5]
+    sums.add(torch.tensor(2.0), torch.tensor(3.0))
+    sums.add(torch.tensor(4.0), torch.tensor(5.0))
+    assert sums.fold_into(running) == [3.0, 4.0]
+    assert running == [16.0, 9.0, 7] and sums.drain() == ([0.0, 0.0], 0)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Views drawn on the accelerator

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..finetune import run_finetune
     from ..trainer import run_command
 
-    run_command(run_finetune, parse_args(argv))
+    run_command(run_finetune, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..linear_eval import run_linear_eval
     from ..trainer import run_command
 
-    run_command(run_linear_eval, parse_args(argv))
+    run_command(run_linear_eval, parse_args, argv)
 
 
 if __name__ == "__main__":

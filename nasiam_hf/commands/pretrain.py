@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..pretrain import run_pretrain
     from ..trainer import run_command
 
-    run_command(run_pretrain, parse_args(argv))
+    run_command(run_pretrain, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--momentum", type=float, default=None, help="MoCo v2 / BYOL (base) momentum.")
     args = parser.parse_args(argv)
     check_common_args(args)
-    resolve_search_space(args.search_space)
+    resolve_search_space(args.search_space)  # fails before any data is loaded
     if not 0.0 < args.train_portion < 1.0:
         parser.error(f"--train_portion must be strictly between 0 and 1, got {args.train_portion}")
     return args
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..search import run_search
     from ..trainer import run_command
 
-    run_command(run_search, parse_args(argv))
+    run_command(run_search, parse_args, argv)
 
 
 if __name__ == "__main__":
