@@ -64,6 +64,17 @@ def tiny_parquet(tmp_path_factory):
             write_image_parquet(folder / "test.parquet", 16, seed=1))
 
 
+def readme_blocks(section: str, language: str) -> list[str]:
+    """The ``language`` code blocks of the README section whose heading is ``section`` (up to the next ``## ``)."""
+    import re
+
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(section) + len(section)
+    following = re.search(r"^## ", text[start:], flags=re.MULTILINE)
+    body = text[start: start + following.start()] if following else text[start:]
+    return re.findall(rf"^```{language}\n(.*?)^```", body, flags=re.MULTILINE | re.DOTALL)
+
+
 def run_cli(args, timeout=600, env=None, cwd=None):
     """Run a command line as a subprocess, offline, returning the CompletedProcess (stdout+stderr kept)."""
     import subprocess

@@ -12,7 +12,7 @@ import re
 import shlex
 import sys
 
-from conftest import REPO_ROOT, run_cli
+from conftest import readme_blocks, run_cli
 
 SECTION = "## The whole pipeline on the demo data"
 LAUNCHER = "accelerate launch --cpu "
@@ -20,16 +20,8 @@ SHRINK = ["--max_train_samples", "48", "--max_eval_samples", "24", "--image_size
           "--per_device_train_batch_size", "8"]
 
 
-def section_blocks(language: str) -> list[str]:
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    start = text.index(SECTION) + len(SECTION)
-    end = re.search(r"^## ", text[start:], flags=re.MULTILINE)
-    section = text[start: start + end.start()] if end else text[start:]
-    return re.findall(rf"^```{language}\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
-
-
 def commands() -> list[str]:
-    script = "\n".join(block for block in section_blocks("bash"))
+    script = "\n".join(block for block in readme_blocks(SECTION, "bash"))
     joined = script.replace("\\\n", " ")
     return [line.strip() for line in joined.splitlines() if line.strip().startswith("accelerate launch")]
 
@@ -46,7 +38,7 @@ def test_readme_demo_pipeline_runs(tmp_path):
     assert json.loads((tmp_path / "runs" / "demo-search" / "genotype.json").read_text())["projector"]
     assert "linear_probe" in json.loads((model / "eval_results.json").read_text())
 
-    (python,) = section_blocks("python")
+    (python,) = readme_blocks(SECTION, "python")
     namespace = {}
     code = python.replace('"runs/', f'"{tmp_path}/runs/')
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example

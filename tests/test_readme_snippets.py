@@ -9,7 +9,6 @@ adding a snippet. ```bash blocks are documentation only and are not run.
 
 import re
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,24 +16,15 @@ import torchvision
 from torch import nn
 
 import nasiam_hf  # noqa: F401
+from conftest import readme_blocks
 from nasiam_hf import NASiamConfig, NASiamForImageClassification, NASiamModel
 from nasiam_hf.processing import build_image_processor
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SECTION = "## Downstream use"
 PLACEHOLDER = re.compile(r"""(["'])(path/to/[^"']+)\1""")
 
 
-def downstream_blocks() -> list[str]:
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    start = text.index(SECTION) + len(SECTION)
-    following = re.search(r"^## ", text[start:], flags=re.MULTILINE)
-    section = text[start: start + following.start()] if following else text[start:]
-    return re.findall(r"^```python\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
-
-
-BLOCKS = downstream_blocks()
+BLOCKS = readme_blocks(SECTION, "python")
 
 
 def fake_official_checkpoint(folder):
