@@ -8,6 +8,7 @@ from transformers import (
     AutoModelForPreTraining,
 )
 
+from .arguments import FinetuneCommand, LinearEvalCommand, PretrainCommand, SearchCommand
 from .configuration_nasiam import FRAMEWORKS, NASiamConfig
 from .modeling_nasiam import (
     NASiamBackbone,
@@ -23,6 +24,19 @@ from .search_space import OPS, SEARCH_SPACES, Genotype, register_op, register_se
 
 __version__ = "0.1.0"
 
+# The engines import accelerate and the data layer: loaded on first use, so `import nasiam_hf` (and --help) stays light.
+_ENGINES = {"run_search": "search", "run_pretrain": "pretrain", "run_linear_eval": "linear_eval",
+            "run_finetune": "finetune"}
+
+
+def __getattr__(name: str):
+    if name in _ENGINES:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_ENGINES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 AutoConfig.register("nasiam", NASiamConfig, exist_ok=True)
 AutoModel.register(NASiamConfig, NASiamModel, exist_ok=True)
 AutoModelForPreTraining.register(NASiamConfig, NASiamForPreTraining, exist_ok=True)
@@ -36,6 +50,10 @@ NASiamBackbone.register_for_auto_class("AutoBackbone")
 
 __all__ = [
     "FRAMEWORKS",
+    "FinetuneCommand",
+    "LinearEvalCommand",
+    "PretrainCommand",
+    "SearchCommand",
     "OPS",
     "PRESETS",
     "SEARCH_SPACES",
@@ -50,4 +68,8 @@ __all__ = [
     "NASiamPreTrainingOutput",
     "register_op",
     "register_search_space",
+    "run_finetune",
+    "run_linear_eval",
+    "run_pretrain",
+    "run_search",
 ]

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import set_loader_epoch
-from .trainer import cosine_factor
+from .optimization import cosine_factor
 
 FEATURE_NORMS = ("batchnorm", "none")
 

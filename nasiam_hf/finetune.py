@@ -16,7 +16,6 @@ model card; resumable checkpoints under ``checkpoints/``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import time
@@ -25,10 +24,12 @@ from typing import Any
 
 import torch
 
-from .fileio import atomic_write_json
+from .arguments import FinetuneCommand
+from .fileio import atomic_write_json, read_json
+from .optimization import build_cosine_schedule, build_optimizer
 from .trainer import (
-    Checkpointer, StepLoop, build_cosine_schedule, build_optimizer, check_finite, guard_output_dir, make_accelerator,
-    mean_over_ranks, prepare_model_layout, scaled_lr, start_tracking,
+    Checkpointer, StepLoop, check_finite, guard_output_dir, make_accelerator, mean_over_ranks, prepare_model_layout,
+    start_tracking,
 )
 
 HISTORY_FILE = "finetune_history.json"
@@ -96,14 +97,41 @@ def _hub_model_id(path: str) -> str | None:
     return None if os.path.exists(path) or path.count("/") != 1 else path
 
 
-def run_finetune(args: argparse.Namespace) -> Path:
-    from .data import make_loader, splits_from_args, view_dataset_for
-    from .hub import push_folder_to_hub
+def classification_step(model, batches: list[dict], optimizer, scheduler, accelerator, guard,
+                        max_grad_norm: float | None = None) -> list:
+    """One optimizer update of the classifier from the micro-batches of one update; returns their outputs."""
+    outputs = []
+    for batch in batches:
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                out = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+            guard(out.loss)
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients and max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            outputs.append(out)
+    return outputs
 
-    accelerator = make_accelerator(args)
-    splits = splits_from_args(args)
-    guard_output_dir(args, accelerator)
-    model = load_classifier(args.model_name_or_path, splits.num_labels, splits.id2label, splits.label2id)
+
+def run_finetune(command: FinetuneCommand) -> Path:
+    """Fine-tune ``--model_name_or_path`` on the labelled data; the classifier folder is ``--output_dir``."""
+    from .data import make_loader, view_dataset_for
+    from .data_loading import load_splits
+    from .hub.push import checkpoint_pusher, push_run_folder
+    from .plans import plan_finetune
+
+    run, data, speed = command.run, command.data, command.speed
+    command.data.require_source()
+    accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
+                                   command.optimization.gradient_accumulation_steps)
+    splits = load_splits(data, run.seed)
+    guard_output_dir(command, accelerator)
+    plan = plan_finetune(command, accelerator.num_processes)
+    opt = plan.optimization
+    model = load_classifier(command.model.model_name_or_path, splits.num_labels, splits.id2label, splits.label2id)
     config = model.config
     if config.cifar_stem != (splits.policy == "cifar"):
         accelerator.print(
@@ -111,51 +139,49 @@ def run_finetune(args: argparse.Namespace) -> Path:
             f"the {splits.policy} policy ({splits.image_size}px); features may transfer poorly"
         )
     config.image_size = splits.image_size
-    if args.freeze_backbone:
+    if command.model.freeze_backbone:
         model.freeze_backbone()
-    model = prepare_model_layout(model, accelerator, args.channels_last, args.torch_compile)
+    model = prepare_model_layout(model, accelerator, command.precision.channels_last, speed.torch_compile)
 
-    batch = args.per_device_train_batch_size
-    workers = args.dataloader_num_workers
-    on_device = args.augmentation_device == "accelerator"
+    batch, workers = opt.per_device_batch, data.dataloader_num_workers
+    on_device = speed.augmentation_device == "accelerator"
     # on the device: the loader only decodes and the light views are drawn per batch, seeded per sample
-    make_view = splits.batch_augmenter("eval" if args.no_augmentation else "light", args.seed,
+    make_view = splits.batch_augmenter("eval" if data.no_augmentation else "light", run.seed,
                                        num_views=1) if on_device else None
-    train_set = view_dataset_for(splits, "train", "light", seed=args.seed, augment=not args.no_augmentation,
+    train_set = view_dataset_for(splits, "train", "light", seed=run.seed, augment=not data.no_augmentation,
                                  mode="decode" if on_device else None)
-    train_loader = make_loader(train_set, batch, shuffle=True, seed=args.seed, drop_last=len(train_set) > batch,
+    train_loader = make_loader(train_set, batch, shuffle=True, seed=run.seed, drop_last=len(train_set) > batch,
                                num_workers=workers)
     eval_loader = None
     if splits.eval is not None:
-        eval_loader = make_loader(view_dataset_for(splits, "eval", "eval"), args.per_device_eval_batch_size,
-                                  shuffle=False, num_workers=workers)
+        eval_loader = make_loader(view_dataset_for(splits, "eval", "eval"),
+                                  command.optimization.per_device_eval_batch_size, shuffle=False, num_workers=workers)
     else:
         accelerator.print("no evaluation split found: accuracy is not measured (pass --validation_file/_dir)")
 
-    global_batch = batch * accelerator.num_processes
-    lr = scaled_lr(args.learning_rate, global_batch)
-    optimizer = build_finetune_optimizer(model, lr, args.weight_decay, args.classifier_lr_multiplier,
-                                         implementation=args.optimizer_implementation)
+    optimizer = build_finetune_optimizer(model, opt.lr, opt.weight_decay, plan.classifier_lr_multiplier,
+                                         implementation=speed.optimizer_implementation)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator.print(
-        f"finetune: {config.backbone} ({'frozen' if args.freeze_backbone else 'trained'} backbone), "
+        f"finetune: {config.backbone} ({'frozen' if command.model.freeze_backbone else 'trained'} backbone), "
         f"{splits.num_labels} classes, {len(splits.train)} train images, {trainable:,} trainable parameters, "
-        f"global batch {global_batch}, lr {lr:.4g} (classifier x{args.classifier_lr_multiplier:g})"
+        f"{opt.describe()} (classifier x{plan.classifier_lr_multiplier:g})"
     )
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    total_steps = args.max_train_steps or args.num_train_epochs * len(train_loader)
+    steps_per_epoch = len(train_loader) // opt.accumulation
+    total_steps = opt.total_steps(steps_per_epoch)
     scheduler = accelerator.prepare(
-        build_cosine_schedule(optimizer, accelerator, args, len(train_loader), total_steps)
+        build_cosine_schedule(optimizer, accelerator, opt.warmup_epochs, steps_per_epoch, total_steps)
     )
-    start_tracking(accelerator, args, "nasiam-finetune")
+    start_tracking(accelerator, command, "nasiam-finetune")
 
-    checkpointer = Checkpointer(accelerator, args.output_dir, args.checkpoints_total_limit)
+    checkpointer = Checkpointer(accelerator, run.output_dir, run.checkpoints_total_limit)
     state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "running": [0.0, 0, 0, 0],
                              "history": {"epochs": []}}
-    state = checkpointer.resume(args.resume_from_checkpoint, state)
-    output_dir = Path(args.output_dir)
+    state = checkpointer.resume(run.resume_from_checkpoint, state)
+    output_dir = Path(run.output_dir)
     timer = {"start": time.perf_counter()}
 
     def on_epoch_end(epoch: int) -> None:
@@ -172,63 +198,64 @@ def run_finetune(args: argparse.Namespace) -> Path:
             f"epoch {epoch}: loss {record['loss']:.4f}, train top-1 {record['train_top1']:.2f}%"
             + (f", eval top-1 {record['eval_top1']:.2f}%" if "eval_top1" in record else "")
         )
-        if args.with_tracking:
+        if command.tracking.with_tracking:
             accelerator.log({k: v for k, v in record.items() if k != "epoch" and v is not None},
                             step=state["global_step"])
         if accelerator.is_main_process:
             atomic_write_json(output_dir / HISTORY_FILE, state["history"])
         timer["start"] = time.perf_counter()
 
-    loop = StepLoop(accelerator, args, train_loader, state, total_steps, checkpointer, on_epoch_end, desc="finetune")
+    pusher = checkpoint_pusher(command.hub) if accelerator.is_main_process else None
+    loop = StepLoop(accelerator, train_loader, state, total_steps, checkpointer, run.checkpoint_every, on_epoch_end,
+                    desc="finetune", accumulation=opt.accumulation, after_save=pusher.submit if pusher else None)
     model.train()
-    for epoch, batch_data in loop:
+    for epoch, batches in loop:
         where = f"epoch {epoch}, step {state['global_step'] + 1}"
         if make_view is not None:
-            batch_data = make_view(batch_data)
-        with accelerator.autocast():
-            out = model(pixel_values=batch_data["pixel_values"], labels=batch_data["labels"])
-        check_finite(out.loss, where, checkpointer)
-        accelerator.backward(out.loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = out.loss.item()
+            batches = [make_view(b) for b in batches]
+        outs = classification_step(model, batches, optimizer, scheduler, accelerator,
+                                   guard=lambda loss: check_finite(loss, where, checkpointer),
+                                   max_grad_norm=opt.max_grad_norm)
+        loss_value = sum(out.loss.item() for out in outs) / len(outs)
         state["running"][0] += loss_value
         state["running"][1] += 1
-        state["running"][2] += (out.logits.argmax(dim=1) == batch_data["labels"]).sum().item()
-        state["running"][3] += batch_data["labels"].numel()
+        for out, batch_data in zip(outs, batches):
+            state["running"][2] += (out.logits.argmax(dim=1) == batch_data["labels"]).sum().item()
+            state["running"][3] += batch_data["labels"].numel()
         loop.set_postfix(loss=f"{loss_value:.4f}")
 
     if accelerator.is_main_process:
-        write_finetune_outputs(accelerator.unwrap_model(model), state["history"], output_dir, args, splits)
+        write_finetune_outputs(accelerator.unwrap_model(model), state["history"], output_dir, command, plan, splits)
         accelerator.print(f"classifier saved to {output_dir} (AutoModelForImageClassification.from_pretrained)")
     accelerator.wait_for_everyone()
-    if args.push_to_hub and accelerator.is_main_process:
-        push_folder_to_hub(output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
-                           commit_message="Upload fine-tuned NASiam classifier")
+    if accelerator.is_main_process:
+        if pusher is not None:
+            pusher.wait()
+        push_run_folder(command.hub, output_dir, "Upload fine-tuned NASiam classifier")
     accelerator.end_training()
     return output_dir
 
 
-def finetune_eval_results(history: dict, args: argparse.Namespace, splits) -> dict | None:
+def finetune_eval_results(history: dict, command: FinetuneCommand, splits) -> dict | None:
     """``{"fine_tuning": {...}}`` from the last epoch with an evaluation (None when nothing was evaluated)."""
     evaluated = [r for r in history.get("epochs", []) if r.get("eval_top1") is not None]
     if not evaluated:
         return None
     last = evaluated[-1]
-    if args.eval_split:
-        split = args.eval_split
-    elif args.validation_file or args.validation_dir or splits.name == "ILSVRC/imagenet-1k":
+    data = command.data
+    if data.eval_split:
+        split = data.eval_split
+    elif data.validation_file or data.validation_dir or splits.name == "ILSVRC/imagenet-1k":
         split = "validation"  # a separate evaluation set, or ImageNet (whose test split has no labels)
     else:
         split = "test"
     result = {"top1": last["eval_top1"], "top5": last.get("eval_top5"), "dataset_name": splits.name, "split": split,
-              "epochs": len(history["epochs"]), "frozen_backbone": bool(args.freeze_backbone),
-              "base_model": args.model_name_or_path}
+              "epochs": len(history["epochs"]), "frozen_backbone": bool(command.model.freeze_backbone),
+              "base_model": command.model.model_name_or_path}
     return {"fine_tuning": result}
 
 
-def write_finetune_outputs(model, history: dict, output_dir: Path, args: argparse.Namespace, splits) -> None:
+def write_finetune_outputs(model, history: dict, output_dir: Path, command: FinetuneCommand, plan, splits) -> None:
     """The classifier folder: weights and config, image processor, history, eval results, arguments, model card."""
     from .hub import save_run_metadata, write_model_card
     from .processing import save_image_processor
@@ -236,12 +263,12 @@ def write_finetune_outputs(model, history: dict, output_dir: Path, args: argpars
     model.save_pretrained(output_dir)
     save_image_processor(output_dir, splits)
     atomic_write_json(output_dir / HISTORY_FILE, history)
-    eval_results = finetune_eval_results(history, args, splits)
+    eval_results = finetune_eval_results(history, command, splits)
     if eval_results is not None:
         atomic_write_json(output_dir / EVAL_RESULTS_FILE, eval_results)
-    save_run_metadata(output_dir, args)
-    write_model_card(output_dir, model.config, training_args=vars(args), eval_results=eval_results,
-                     dataset_name=splits.name, base_model=_hub_model_id(args.model_name_or_path))
+    record = save_run_metadata(output_dir, command, command=command.name, resolved=plan.to_dict())
+    write_model_card(output_dir, model.config, training_args=read_json(record), eval_results=eval_results,
+                     dataset_name=splits.name, base_model=_hub_model_id(command.model.model_name_or_path))
     finish_classifier_card(output_dir, eval_results, splits)
 
 
@@ -250,7 +277,8 @@ def finish_classifier_card(folder: Path, eval_results: dict | None, splits) -> P
     measured fine-tuning accuracy (a section of its own, and the model-index when ``hub`` does not add it)."""
     from huggingface_hub import EvalResult, ModelCard
 
-    from .hub import atomic_write_text, hub_dataset_id
+    from .fileio import atomic_write_text
+    from .hub import hub_dataset_id
 
     path = Path(folder) / "README.md"
     card = ModelCard.load(path)

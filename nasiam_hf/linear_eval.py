@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .arguments import LinearEvalCommand
 from .fileio import atomic_write_json, read_json
 from .modeling_nasiam import NASiamModel
 
@@ -46,38 +46,45 @@ def refresh_model_card(folder: Path, config, eval_results: dict, dataset_name: s
                      dataset_name=(args or {}).get("dataset_name") or (args or {}).get("train_file") or dataset_name)
 
 
-def run_linear_eval(args: argparse.Namespace) -> dict:
-    from .data import make_loader, splits_from_args, view_dataset_for
+def run_linear_eval(command: LinearEvalCommand) -> dict:
+    """Linear probe (and kNN) on the frozen backbone features of a saved model; results to ``eval_results.json``."""
+    from .data import make_loader, view_dataset_for
+    from .data_loading import load_splits
     from .evaluation import (
         LinearProbeConfig, evaluate_classifier, extract_features, knn_accuracy, train_linear_probe,
         train_linear_probe_on_images,
     )
+    from .plans import plan_linear_eval
     from .trainer import make_accelerator
 
-    model_path = args.model_name_or_path
-    output_dir = Path(args.output_dir or model_path)
-    if args.output_dir is None and not os.path.isdir(model_path):
+    data, run, probe_args, knn_args = command.data, command.run, command.probe, command.knn
+    command.data.require_source()
+    if data.streaming:
+        raise ValueError("--streaming is not supported by the linear evaluation: it extracts the features of the "
+                         "whole labelled set; pass the data without --streaming")
+    model_path = command.model.model_name_or_path
+    output_dir = Path(run.output_dir or model_path)
+    if run.output_dir is None and not os.path.isdir(model_path):
         raise ValueError(
             f"--model_name_or_path {model_path!r} is not a local folder: pass --output_dir for the results")
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(str(output_dir), run.seed, command.precision, command.tracking)
     model = load_for_evaluation(model_path)
-    if args.image_size is None:
-        args.image_size = model.config.image_size  # evaluate at the resolution the model was trained at
-    splits = splits_from_args(args)
+    # evaluate at the resolution the model was trained at, unless told otherwise
+    splits = load_splits(data, run.seed, image_size=data.image_size or model.config.image_size)
     if splits.eval is None:
         raise ValueError(
             f"{splits.name!r} has no evaluation split: pass --validation_file or --validation_dir (or --eval_split)"
         )
+    plan = plan_linear_eval(command, splits.policy)
     encoder = model.backbone.eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
     encoder = encoder.to(accelerator.device)
-    if args.channels_last:
+    if command.precision.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
-    probe = LinearProbeConfig(epochs=args.num_train_epochs, batch_size=args.per_device_train_batch_size,
-                              lr=args.learning_rate, weight_decay=args.weight_decay, feature_norm=args.feature_norm,
-                              seed=args.seed)
-    workers, eval_batch = args.dataloader_num_workers, args.per_device_eval_batch_size
+    probe = LinearProbeConfig(epochs=plan.epochs, batch_size=plan.per_device_batch, lr=plan.lr,
+                              weight_decay=plan.weight_decay, feature_norm=probe_args.feature_norm, seed=run.seed)
+    workers, eval_batch = data.dataloader_num_workers, probe_args.per_device_eval_batch_size
     plain_train, plain_eval = accelerator.prepare(
         make_loader(view_dataset_for(splits, "train", "eval"), eval_batch, shuffle=False, num_workers=workers),
         make_loader(view_dataset_for(splits, "eval", "eval"), eval_batch, shuffle=False, num_workers=workers),
@@ -86,28 +93,28 @@ def run_linear_eval(args: argparse.Namespace) -> dict:
     eval_features, eval_labels = extract_features(encoder, plain_eval, accelerator, desc="eval features")
     accelerator.print(
         f"linear probe: {probe.epochs} epochs, batch {probe.batch_size}, lr {probe.effective_lr:.4g}, "
-        f"features {args.feature_norm}, " + ("cached features (no augmentation)" if args.no_augmentation
-                                             else "light augmentation (features recomputed every epoch)")
+        f"features {probe_args.feature_norm}, " + ("cached features (no augmentation)" if data.no_augmentation
+                                                   else "light augmentation (features recomputed every epoch)")
     )
-    if args.no_augmentation:
+    if data.no_augmentation:
         classifier, history = train_linear_probe(train_features, train_labels, splits.num_labels, probe,
                                                  eval_features, eval_labels, accelerator)
     else:
         train_loader = accelerator.prepare(make_loader(
-            view_dataset_for(splits, "train", "light", seed=args.seed), args.per_device_train_batch_size,
-            shuffle=True, seed=args.seed, drop_last=True, num_workers=workers,
+            view_dataset_for(splits, "train", "light", seed=run.seed), plan.per_device_batch,
+            shuffle=True, seed=run.seed, drop_last=True, num_workers=workers,
         ))
         classifier, history = train_linear_probe_on_images(encoder, train_loader, splits.num_labels, probe,
                                                             accelerator, eval_loader=None)
     linear = evaluate_classifier(classifier, eval_features.to(accelerator.device), eval_labels.to(accelerator.device))
     knn = knn_accuracy(train_features, train_labels, eval_features, eval_labels, splits.num_labels,
-                       k=args.knn_k, temperature=args.knn_temperature)
-    split = args.eval_split or ("validation" if (args.validation_file or args.validation_dir) else "test")
+                       k=knn_args.knn_k, temperature=knn_args.knn_temperature)
+    split = data.eval_split or ("validation" if (data.validation_file or data.validation_dir) else "test")
     results = {
         "linear_probe": {**linear, "dataset_name": splits.name, "split": split, "epochs": probe.epochs,
-                         "lr": probe.effective_lr, "feature_norm": args.feature_norm,
-                         "augmentation": not args.no_augmentation},
-        "knn": {**knn, "k": args.knn_k, "temperature": args.knn_temperature, "dataset_name": splits.name,
+                         "lr": probe.effective_lr, "feature_norm": probe_args.feature_norm,
+                         "augmentation": not data.no_augmentation},
+        "knn": {**knn, "k": knn_args.knn_k, "temperature": knn_args.knn_temperature, "dataset_name": splits.name,
                 "split": split},
     }
     accelerator.print(

@@ -2,78 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import time
 from pathlib import Path
 
 from accelerate import Accelerator
 
-from .configuration_nasiam import NASiamConfig, check_preset
+from .arguments import PretrainCommand
+from .configuration_nasiam import NASiamConfig
 from .fileio import atomic_write_json, read_json
 from .modeling_nasiam import NASiamForPreTraining
-from .presets import PRESETS, RECIPES
-from .search import build_weight_optimizer, momentum_for_step, weight_step
+from .optimization import build_cosine_schedule, build_sgd, momentum_for_step, predictor_param_groups, weight_step
+from .plans import PretrainPlan, check_pretrain_flags, plan_pretrain
 from .trainer import (
-    Checkpointer, DeviceSums, StepLoop, build_cosine_schedule, check_finite, guard_output_dir, make_accelerator,
-    mean_over_ranks, prepare_model_layout, scaled_lr, start_tracking,
+    Checkpointer, DeviceSums, StepLoop, check_finite, due, guard_output_dir, make_accelerator, mean_over_ranks,
+    prepare_model_layout, start_tracking,
 )
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_model_config(genotype: str, *, backbone: str | None = None, image_size: int | None = None,
-                         cifar_stem: bool | None = None, **method_overrides) -> NASiamConfig:
-    """The config to pretrain: from a search output folder, a paper preset, or ``<framework>-baseline``."""
-    overrides = {k: v for k, v in method_overrides.items() if v is not None}
-    if image_size is not None:
-        overrides["image_size"] = image_size
-    if cifar_stem is not None:
-        overrides["cifar_stem"] = cifar_stem
-    if backbone is not None:
-        overrides["backbone"] = backbone
-    if os.path.isdir(genotype):
-        values = NASiamConfig.from_pretrained(genotype).to_dict()
-        for key in ("model_type", "transformers_version", "architectures", "auto_map", "stage_names",
-                    "out_features", "out_indices"):
-            values.pop(key, None)
-        if backbone is not None and backbone != values.get("backbone"):
-            values.pop("projector_hidden_size", None)  # re-derive the width of the new backbone
-        values.update(overrides)
-        return NASiamConfig(**values)
-    if genotype in PRESETS:
-        return NASiamConfig(**{**check_preset(genotype), **overrides})
-    raise ValueError(
-        f"--genotype {genotype!r} is neither a search output folder nor a preset; presets: {sorted(PRESETS)}"
-    )
-
-
-def apply_recipe(args: argparse.Namespace, policy: str) -> None:
-    """Fill the flags left unset from the CIFAR or ImageNet recipe (DESIGN.md facts)."""
-    name = args.recipe or ("imagenet" if policy == "imagenet" else "cifar")
-    recipe = RECIPES[name]
-    pretrain = dict(recipe["pretrain"])
-    framework_recipe = recipe.get(args.framework_hint, {}) if getattr(args, "framework_hint", None) else {}
-    for flag, key in (("num_train_epochs", "epochs"), ("learning_rate", "lr"), ("weight_decay", "weight_decay"),
-                      ("per_device_train_batch_size", "batch_size")):
-        if getattr(args, flag) is None:
-            setattr(args, flag, framework_recipe.get(key, pretrain[key]))
-    args.recipe = name
-
-
-def build_pretraining_optimizer(model: NASiamForPreTraining, lr: float, weight_decay: float, fix_predictor_lr: bool,
-                                implementation: str = "auto"):
-    """SGD over backbone + heads; SimSiam's predictor may keep a fixed lr (its own param group, index 1).
-    ``implementation`` picks the optimizer kernels (:func:`~.trainer.build_optimizer`)."""
-    predictor = model.nasiam.predictor
-    predictor_ids = {id(p) for p in predictor.parameters()} if (predictor is not None and fix_predictor_lr) else set()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in predictor_ids]}]
-    if predictor_ids:
-        groups.append({"params": [p for p in trainable if id(p) in predictor_ids]})
-    optimizer = build_weight_optimizer(groups, lr, weight_decay, implementation=implementation)
-    return optimizer, ((1,) if predictor_ids else ())
 
 
 class CollapseWatch:
@@ -95,79 +41,78 @@ class CollapseWatch:
         return False
 
 
-def run_pretrain(args: argparse.Namespace) -> NASiamForPreTraining:
-    """The whole pretraining: data, model, steps, kNN monitor, checkpoints, the saved model folder.
+def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
+    """The whole pretraining: data, model, updates, kNN monitor, checkpoints, the saved model folder.
 
-    Returns the trained model (unwrapped; the model folder is ``args.output_dir``).
+    Returns the trained model (unwrapped; the model folder is ``command.run.output_dir``).
     """
-    from .data import make_loader, splits_from_args, view_dataset_for
+    from .data import make_loader, view_dataset_for
+    from .data_loading import load_splits
     from .evaluation import evaluate_knn
-    from .hub import push_folder_to_hub
+    from .hub.push import checkpoint_pusher, push_run_folder
+    from .search import mean_loss
 
-    accelerator = make_accelerator(args)
-    splits = splits_from_args(args)
-    config = resolve_model_config(
-        args.genotype, backbone=args.backbone, image_size=splits.image_size, cifar_stem=splits.policy == "cifar",
-        temperature=args.temperature, queue_size=args.queue_size, momentum=args.momentum,
-    )
-    args.framework_hint = config.framework
-    apply_recipe(args, splits.policy)
-    guard_output_dir(args, accelerator)
-    batch = args.per_device_train_batch_size
-    workers = args.dataloader_num_workers
-    on_device = args.augmentation_device == "accelerator"
+    check_pretrain_flags(command)
+    command.data.require_source()
+    run, data, speed, monitor = command.run, command.data, command.speed, command.monitor
+    accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
+                                   command.optimization.gradient_accumulation_steps)
+    splits = load_splits(data, run.seed)
+    plan = plan_pretrain(command, splits.policy, splits.image_size, accelerator.num_processes)
+    opt = plan.optimization
+    config = NASiamConfig(**plan.config)
+    guard_output_dir(command, accelerator)
+    batch, workers = opt.per_device_batch, data.dataloader_num_workers
+    on_device = speed.augmentation_device == "accelerator"
     # on the device: the loader only decodes, and the views are drawn per batch, seeded per sample
-    make_views = splits.batch_augmenter("eval" if args.no_augmentation else "ssl", args.seed) if on_device else None
-    train_loader = make_loader(view_dataset_for(splits, "train", "ssl", seed=args.seed,
-                                                augment=not args.no_augmentation,
+    make_views = splits.batch_augmenter("eval" if data.no_augmentation else "ssl", run.seed) if on_device else None
+    train_loader = make_loader(view_dataset_for(splits, "train", "ssl", seed=run.seed,
+                                                augment=not data.no_augmentation,
                                                 mode="decode" if on_device else None),
-                               batch, shuffle=True, seed=args.seed, drop_last=True, num_workers=workers)
+                               batch, shuffle=True, seed=run.seed, drop_last=True, num_workers=workers)
     knn_loaders = None
-    if args.knn_every > 0 and splits.eval is not None:
-        eval_batch = args.per_device_eval_batch_size
+    knn_every = monitor.every
+    if knn_every is not None and splits.eval is not None:
+        eval_batch = command.optimization.per_device_eval_batch_size
         knn_loaders = (
             make_loader(view_dataset_for(splits, "train", "eval"), eval_batch, shuffle=False, num_workers=workers),
             make_loader(view_dataset_for(splits, "eval", "eval"), eval_batch, shuffle=False, num_workers=workers),
         )
-    elif args.knn_every > 0:
+    elif knn_every is not None:
         accelerator.print("no evaluation split found: the kNN monitor is off (pass --validation_file/--validation_dir)")
 
-    model = prepare_model_layout(NASiamForPreTraining(config), accelerator, args.channels_last,
-                                 args.torch_compile)
-    global_batch = batch * accelerator.num_processes
-    lr = scaled_lr(args.learning_rate, global_batch)
-    fix_predictor = config.framework == "simsiam" and not args.no_fix_predictor_lr
-    optimizer, fixed_groups = build_pretraining_optimizer(model, lr, args.weight_decay, fix_predictor,
-                                                          args.optimizer_implementation)
+    model = prepare_model_layout(NASiamForPreTraining(config), accelerator, command.precision.channels_last,
+                                 speed.torch_compile)
+    groups, fixed_groups = predictor_param_groups(model.parameters(), model.nasiam.predictor, plan.fix_predictor_lr)
+    optimizer = build_sgd(groups, opt.lr, opt.weight_decay, implementation=speed.optimizer_implementation)
     accelerator.print(
         f"pretrain: {config.framework} / {config.backbone} ({'CIFAR stem' if config.cifar_stem else 'ImageNet stem'}), "
         f"projector {config.genotype('projector')}"
         + (f", predictor {config.genotype('predictor')}" if config.has_predictor else "")
-        + f"; {len(splits.train)} images, global batch {global_batch}, effective lr {lr:.4g} "
-        f"(= {args.learning_rate} x {global_batch}/256), recipe {args.recipe}"
-        + (", fixed predictor lr" if fixed_groups else "")
+        + f"; {len(splits.train)} images, {opt.describe()}" + (", fixed predictor lr" if fixed_groups else "")
     )
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if knn_loaders is not None:
         knn_loaders = accelerator.prepare(*knn_loaders)
-    total_steps = args.max_train_steps or args.num_train_epochs * len(train_loader)
+    steps_per_epoch = len(train_loader) // opt.accumulation
+    total_steps = opt.total_steps(steps_per_epoch)
     scheduler = accelerator.prepare(
-        build_cosine_schedule(optimizer, accelerator, args, len(train_loader), total_steps, fixed_groups)
+        build_cosine_schedule(optimizer, accelerator, opt.warmup_epochs, steps_per_epoch, total_steps, fixed_groups)
     )
     core = accelerator.unwrap_model(model)
-    start_tracking(accelerator, args, "nasiam-pretrain")
+    start_tracking(accelerator, command, "nasiam-pretrain")
 
-    checkpointer = Checkpointer(accelerator, args.output_dir, args.checkpoints_total_limit)
+    checkpointer = Checkpointer(accelerator, run.output_dir, run.checkpoints_total_limit)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "running": [0.0, 0.0, 0], "low_collapse_epochs": 0,
              "history": {"epochs": [], "collapse_reference": config.collapse_floor, "framework": config.framework}}
-    state = checkpointer.resume(args.resume_from_checkpoint, state)
-    watch = CollapseWatch(config.collapse_floor, args.collapse_threshold, args.collapse_patience)
+    state = checkpointer.resume(run.resume_from_checkpoint, state)
+    watch = CollapseWatch(config.collapse_floor, command.pretrain.collapse_threshold,
+                          command.pretrain.collapse_patience)
     watch.low = state["low_collapse_epochs"]
-    output_dir = Path(args.output_dir)
+    output_dir = Path(run.output_dir)
     timer = {"start": time.perf_counter(), "steps": 0}
 
-    sums = DeviceSums(2)  # loss and collapse std of the steps not yet folded into state["running"]
-    log_every = args.logging_steps
+    sums = DeviceSums(2)  # loss and collapse std of the updates not yet folded into state["running"]
 
     def fold_sums() -> list[float] | None:
         return sums.fold_into(state["running"])
@@ -179,11 +124,11 @@ def run_pretrain(args: argparse.Namespace) -> NASiamForPreTraining:
         loss, collapse = mean_over_ranks(accelerator, [running[0] / steps, running[1] / steps])
         elapsed = time.perf_counter() - timer["start"]
         record = {"epoch": epoch, "loss": loss, "collapse_std": collapse, "lr": scheduler.get_last_lr()[0],
-                  "images_per_second": timer["steps"] * global_batch / max(elapsed, 1e-9)}
+                  "images_per_second": timer["steps"] * opt.global_batch / max(elapsed, 1e-9)}
         last_epoch = state["global_step"] >= total_steps
-        if knn_loaders is not None and ((epoch + 1) % args.knn_every == 0 or last_epoch):
+        if knn_loaders is not None and (due(knn_every, state["global_step"], epoch, True) or last_epoch):
             knn = evaluate_knn(core.nasiam.backbone, *knn_loaders, accelerator, splits.num_labels,
-                               k=args.knn_k, temperature=args.knn_temperature)
+                               k=monitor.knn_k, temperature=monitor.knn_temperature)
             record.update({f"knn_{key}": value for key, value in knn.items()})
             model.train()
         state["history"]["epochs"].append(record)
@@ -194,51 +139,55 @@ def run_pretrain(args: argparse.Namespace) -> NASiamForPreTraining:
             f"epoch {epoch}: loss {loss:.4f}, collapse std {collapse:.4f} (healthy ~{config.collapse_floor:.4f})"
             + (f", kNN top-1 {record['knn_top1']:.2f}%" if "knn_top1" in record else "")
         )
-        if args.with_tracking:
+        if command.tracking.with_tracking:
             accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=state["global_step"])
         if accelerator.is_main_process:
             atomic_write_json(output_dir / "training_history.json", state["history"])
         timer.update(start=time.perf_counter(), steps=0)
 
-    loop = StepLoop(accelerator, args, train_loader, state, total_steps, checkpointer, on_epoch_end, desc="pretrain",
-                    before_save=fold_sums)
+    pusher = checkpoint_pusher(command.hub) if accelerator.is_main_process else None
+    loop = StepLoop(accelerator, train_loader, state, total_steps, checkpointer, run.checkpoint_every, on_epoch_end,
+                    desc="pretrain", before_save=fold_sums, accumulation=opt.accumulation,
+                    after_save=pusher.submit if pusher else None)
     model.train()
-    for epoch, batch_views in loop:
+    for epoch, batches in loop:
         where = f"epoch {epoch}, step {state['global_step'] + 1}"
         if make_views is not None:
-            batch_views = make_views(batch_views)
+            batches = [make_views(b) for b in batches]
         momentum = momentum_for_step(config, state["global_step"], total_steps)
-        out = weight_step(model, batch_views, optimizer, scheduler, accelerator, momentum,
-                          guard=lambda loss: check_finite(loss, where, checkpointer))
-        sums.add(out.loss, out.collapse_std)
+        outs = weight_step(model, batches, optimizer, scheduler, accelerator, momentum,
+                           guard=lambda loss: check_finite(loss, where, checkpointer), max_grad_norm=opt.max_grad_norm)
+        sums.add(mean_loss(outs), outs[-1].collapse_std)
         timer["steps"] += 1
-        if (state["global_step"] + 1) % log_every == 0:
+        if (state["global_step"] + 1) % run.logging_steps == 0:
             means = fold_sums()
             loop.set_postfix(loss=f"{means[0]:.4f}", std=f"{means[1]:.4f}")
 
     if accelerator.is_main_process:
-        write_pretraining_outputs(core, state["history"], output_dir, args, splits)
+        write_pretraining_outputs(core, state["history"], output_dir, command, plan, splits)
         accelerator.print(f"model saved to {output_dir} (load it with NASiamModel.from_pretrained)")
     accelerator.wait_for_everyone()
-    if args.push_to_hub and accelerator.is_main_process:
-        push_folder_to_hub(output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+    if accelerator.is_main_process:
+        if pusher is not None:
+            pusher.wait()
+        push_run_folder(command.hub, output_dir)
     accelerator.end_training()
     return core
 
 
 def write_pretraining_outputs(model: NASiamForPreTraining, history: dict, output_dir: Path,
-                              args: argparse.Namespace, splits) -> None:
-    """The model folder (weights, config, processor), history, plots, arguments and the model card."""
+                              command: PretrainCommand, plan: PretrainPlan, splits) -> None:
+    """The model folder (weights, config, processor), history, plots, the run record and the model card."""
     from .hub import plot_genotype, plot_training_history, save_run_metadata, write_model_card
     from .processing import save_image_processor
 
     model.nasiam.save_pretrained(output_dir)
     save_image_processor(output_dir, splits)
     atomic_write_json(output_dir / "training_history.json", history)
-    save_run_metadata(output_dir, args)
+    record = save_run_metadata(output_dir, command, command=command.name, resolved=plan.to_dict())
     plot_training_history(history, output_dir)
     plot_genotype(model.config, output_dir / "genotype.png")
     eval_path = output_dir / "eval_results.json"
     eval_results = read_json(eval_path) if eval_path.exists() else None
-    write_model_card(output_dir, model.config, training_args=vars(args), eval_results=eval_results, history=history,
-                     dataset_name=splits.name)
+    write_model_card(output_dir, model.config, training_args=read_json(record), eval_results=eval_results,
+                     history=history, dataset_name=splits.name)

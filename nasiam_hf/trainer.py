@@ -7,7 +7,6 @@ leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -17,101 +16,39 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from torch import distributed as dist
 
+from .arguments import Command, PrecisionArguments, TrackingArguments
 from .fileio import atomic_write_json, read_json
+from .hub.metadata import redact_secrets
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_ARGS_FILE = "run_args.json"
 TRAINER_STATE_FILE = "trainer_state.json"
-# Flags that may change between a run and its resumption without making it a different run.
-RUNTIME_FLAGS = frozenset({
-    "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo",
-    "with_tracking", "report_to", "checkpointing_steps", "checkpoints_total_limit", "dataloader_num_workers",
-    "cache_dir", "output_dir", "torch_compile", "optimizer_implementation", "logging_steps",
-})
-AUGMENTATION_DEVICES = ("loader", "accelerator")
-OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, learning_rate: float,
-                    weight_decay: float) -> None:
-    """Flags of transformers' ``*_no_trainer.py`` examples that every command shares."""
-    g = parser.add_argument_group("training")
-    g.add_argument("--output_dir", type=str, required=True, help="Where outputs and checkpoints go.")
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Allow an output_dir that holds a different run (its checkpoints are removed).")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--per_device_train_batch_size", type=int, default=batch_size)
-    g.add_argument("--per_device_eval_batch_size", type=int, default=256)
-    g.add_argument("--num_train_epochs", type=int, default=epochs)
-    g.add_argument("--max_train_steps", type=int, default=None,
-                   help="Stop after this many optimisation steps (overrides --num_train_epochs).")
-    g.add_argument("--learning_rate", type=float, default=learning_rate,
-                   help="Base learning rate for a global batch of 256; the effective rate scales linearly.")
-    g.add_argument("--weight_decay", type=float, default=weight_decay)
-    g.add_argument("--num_warmup_epochs", type=float, default=0.0)
-    g.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
-                   help="Defaults to the accelerate config (or 'no').")
-    g.add_argument("--checkpointing_steps", type=str, default="epoch",
-                   help="Save a resumable checkpoint every N steps, or 'epoch', or 'no'.")
-    g.add_argument("--checkpoints_total_limit", type=int, default=2, help="How many checkpoints to keep.")
-    g.add_argument("--resume_from_checkpoint", type=str, default=None,
-                   help="A checkpoint folder, or 'latest' for the newest one in output_dir.")
-    g.add_argument("--with_tracking", action="store_true", help="Log metrics to the trackers of --report_to.")
-    g.add_argument("--report_to", type=str, default="all")
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_model_id", type=str, default=None)
-    g.add_argument("--hub_token", type=str, default=None)
-    g.add_argument("--hub_private_repo", action="store_true")
-    s = parser.add_argument_group("speed")
-    s.add_argument("--channels_last", action="store_true",
-                   help="Run the backbone in channels_last memory format (model and input batches).")
-    s.add_argument("--augmentation_device", choices=AUGMENTATION_DEVICES, default="loader",
-                   help="Where the random views are drawn: 'loader' (torchvision on each PIL image in the DataLoader) "
-                        "or 'accelerator' (the loader only decodes; whole uint8 batches are augmented on the training "
-                        "device by nasiam_hf.augment, seeded per sample).")
-    s.add_argument("--torch_compile", action="store_true",
-                   help="torch.compile the backbone in place (state-dict keys unchanged); the first steps compile.")
-    s.add_argument("--optimizer_implementation", choices=OPTIMIZER_IMPLEMENTATIONS, default="auto",
-                   help="Optimizer kernels: 'fused' (one kernel per step), 'foreach' (multi-tensor), 'for_loop'; "
-                        "'auto' takes fused where this torch build supports it for the device, else foreach.")
-    s.add_argument("--logging_steps", type=int, default=25,
-                   help="Refresh the progress-bar losses every N steps (reading them waits for the device).")
-
-
-def check_common_args(args: argparse.Namespace) -> None:
-    """Range checks of the shared flags (``None`` means "filled in later from the recipe")."""
-    for key in ("per_device_train_batch_size", "num_train_epochs", "max_train_steps"):
-        value = getattr(args, key)
-        if value is not None and value < 1:
-            raise ValueError(f"--{key} must be at least 1, got {value}")
-    if args.learning_rate is not None and args.learning_rate <= 0:
-        raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}")
-    if getattr(args, "logging_steps", 1) < 1:
-        raise ValueError(f"--logging_steps must be at least 1, got {args.logging_steps}")
-    steps = args.checkpointing_steps
-    if not (steps in ("epoch", "no") or (steps.isdigit() and int(steps) > 0)):
-        raise ValueError(f"--checkpointing_steps must be a positive integer, 'epoch' or 'no', got {steps!r}")
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/nasiam-simsiam-r18)")
-
-
-def make_accelerator(args: argparse.Namespace) -> Accelerator:
+def make_accelerator(output_dir: str | None, seed: int, precision: PrecisionArguments,
+                     tracking: TrackingArguments | None = None, gradient_accumulation_steps: int = 1) -> Accelerator:
     """The run's Accelerator. Batches move to the device with non-blocking copies (the loaders pin their memory on
-    CUDA machines), so the copy of the next batch overlaps the work already queued."""
+    CUDA machines), so the copy of the next batch overlaps the work already queued. Gradient accumulation counts
+    micro-batches itself (``sync_with_dataloader=False``): one update is always exactly ``k`` micro-batches."""
+    with_tracking = tracking is not None and tracking.with_tracking
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.with_tracking else None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.output_dir),
+        mixed_precision=precision.mixed_precision,
+        log_with=tracking.report_to if with_tracking else None,
+        # tracker files (TensorBoard events) under output_dir/runs/, the folder the Hub shows training metrics from
+        project_config=ProjectConfiguration(
+            project_dir=output_dir, logging_dir=None if output_dir is None else os.path.join(output_dir, "runs")),
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=gradient_accumulation_steps, sync_with_dataloader=False),
     )
-    set_seed(args.seed)
+    set_seed(seed)
     return accelerator
 
 
@@ -148,43 +85,6 @@ def uses_channels_last(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "_nasiam_channels_last", False))
 
 
-def fused_optimizer_supported(device_type: str) -> bool:
-    """Whether this torch build has fused SGD/Adam/AdamW kernels for ``device_type`` (CPU ones since torch 2.4)."""
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        return device_type in _get_fused_kernels_supported_devices()
-    except ImportError:  # pragma: no cover - very old or very new torch
-        return device_type == "cuda"
-
-
-def build_optimizer(cls: type[torch.optim.Optimizer], params, implementation: str = "auto", **kwargs
-                    ) -> torch.optim.Optimizer:
-    """``cls(params, **kwargs)`` with the step kernels of ``implementation``.
-
-    "fused" one kernel for all parameters (SGD, Adam, AdamW; CUDA, and CPU since torch 2.4), "foreach" one kernel
-    per operation over all parameters, "for_loop" per parameter. "auto" asks for fused when the parameters' device
-    has fused kernels in this torch build and falls back to foreach when the optimizer refuses fused.
-    """
-    if implementation not in OPTIMIZER_IMPLEMENTATIONS:
-        raise ValueError(f"optimizer implementation must be one of {OPTIMIZER_IMPLEMENTATIONS}, got {implementation!r}")
-    params = list(params)
-    if implementation == "foreach":
-        return cls(params, foreach=True, **kwargs)
-    if implementation == "for_loop":
-        return cls(params, foreach=False, **kwargs)
-    if implementation == "fused":
-        return cls(params, fused=True, **kwargs)
-    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
-    device = tensors[0].device.type if tensors else "cpu"
-    if fused_optimizer_supported(device):
-        try:
-            return cls(params, fused=True, **kwargs)
-        except (RuntimeError, TypeError, ValueError):  # e.g. an optimizer or dtype without a fused kernel
-            pass
-    return cls(params, foreach=True, **kwargs)
-
-
 class DeviceSums:
     """Running sums of per-step scalars kept on the device, so the training loop does not wait for the device
     every step; :meth:`drain` reads (one host sync) and resets them."""
@@ -217,66 +117,42 @@ class DeviceSums:
         return [value / count for value in values]
 
 
-def scaled_lr(base_lr: float, global_batch: int) -> float:
-    """The linear scaling rule of the recipes: ``base_lr * global_batch / 256``."""
-    return base_lr * global_batch / 256
-
-
 def mean_over_ranks(accelerator: Accelerator, values: list[float]) -> list[float]:
     """The mean of each value over the processes (the values themselves on one process)."""
     t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
     return accelerator.reduce(t, reduction="mean").tolist()
 
 
-def cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup to 1, then a half cosine down to 0 at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+def run_identity(command: Command) -> dict:
+    values, free, _ = command.identity()
+    return {k: v for k, v in sorted(values.items()) if k not in free}
 
 
-def build_cosine_schedule(optimizer, accelerator: Accelerator, args: argparse.Namespace, steps_per_epoch: int,
-                          total_steps: int, fixed_groups: tuple[int, ...] = ()):
-    """Warmup + cosine for every param group except ``fixed_groups`` (SimSiam's fixed predictor lr).
-
-    Accelerate steps a prepared scheduler once per process for every optimiser step, hence the counts multiplied
-    by the number of processes.
-    """
-    n = accelerator.num_processes
-    warmup, total = int(args.num_warmup_epochs * steps_per_epoch) * n, total_steps * n
-    lambdas = [
-        (lambda step: 1.0) if i in fixed_groups else (lambda step: cosine_factor(step, warmup, total))
-        for i in range(len(optimizer.param_groups))
-    ]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-
-
-def run_identity(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME_FLAGS}
-
-
-def guard_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> None:
+def guard_output_dir(command: Command, accelerator: Accelerator) -> None:
     """Refuse an output_dir that holds a different run (compared on saved arguments) unless overwriting.
 
     Resuming, or re-running with the same arguments, is allowed. Only the main process reads and writes; the
     decision is the same on every rank because they all read the same file before anyone writes it.
     """
-    out = Path(args.output_dir)
+    run = command.run
+    out = Path(run.output_dir)
     saved_path = out / RUN_ARGS_FILE
-    current = run_identity(args)
+    current = run_identity(command)
     if saved_path.exists():
         saved = read_json(saved_path)
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        if diff and not args.overwrite_output_dir:
-            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:6])
+        if diff and not run.overwrite_output_dir:
+            def show(value):
+                return "unset" if value is None else repr(value)
+
+            shown = ", ".join(f"{k}: {show(saved.get(k))} -> {show(current.get(k))}" for k in diff[:6])
             raise ValueError(
                 f"output_dir {str(out)!r} already holds a different run ({shown}). Pass --overwrite_output_dir to "
                 "replace it, or choose another --output_dir."
             )
         if diff and accelerator.is_main_process:
             shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-    elif args.resume_from_checkpoint == "latest" and accelerator.is_main_process and not out.exists():
+    elif run.resume_from_checkpoint == "latest" and accelerator.is_main_process and not out.exists():
         accelerator.print(f"--resume_from_checkpoint latest: {out} is new, starting from scratch")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -376,11 +252,11 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def start_tracking(accelerator: Accelerator, args: argparse.Namespace, project: str) -> None:
+def start_tracking(accelerator: Accelerator, command: Command, project: str) -> None:
     """With ``--with_tracking``, start the trackers of ``--report_to`` with the run's scalar arguments."""
-    if args.with_tracking:
-        accelerator.init_trackers(project, {k: v for k, v in vars(args).items()
-                                            if isinstance(v, (int, float, str, bool))})
+    if command.tracking.with_tracking:
+        values = redact_secrets(command.values())
+        accelerator.init_trackers(project, {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))})
 
 
 def check_finite(loss: torch.Tensor, where: str, checkpointer: Checkpointer) -> None:
@@ -393,25 +269,14 @@ def check_finite(loss: torch.Tensor, where: str, checkpointer: Checkpointer) -> 
         )
 
 
-def checkpoint_due(args: argparse.Namespace, global_step: int, end_of_epoch: bool) -> bool:
-    spec = args.checkpointing_steps
-    if spec == "no":
+def due(every: tuple[str, int] | None, global_step: int, epoch: int, end_of_epoch: bool) -> bool:
+    """Whether a periodic action (``parse_every``: ("steps", n) or ("epochs", n), None = never) is due now."""
+    if every is None:
         return False
-    if spec == "epoch":
-        return end_of_epoch
-    return global_step % int(spec) == 0
-
-
-def run_command(run, parse_args, argv: list[str] | None = None):
-    """Parse ``argv`` and run a command; a bad flag value, a bad input or a non-finite loss ends it with a one-line
-    message instead of a traceback."""
-    try:
-        return run(parse_args(argv))
-    except NonFiniteLossError as error:
-        sys.exit(f"error: {error}")
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    unit, n = every
+    if unit == "steps":
+        return global_step % n == 0
+    return end_of_epoch and (epoch + 1) % n == 0
 
 
 def exit_for_preemption(accelerator: Accelerator, path: Path) -> None:
@@ -421,25 +286,45 @@ def exit_for_preemption(accelerator: Accelerator, path: Path) -> None:
 
 
 class StepLoop:
-    """Epoch and step bookkeeping shared by the training commands.
+    """Epoch and update bookkeeping shared by the training commands.
 
-    Iterating yields ``(epoch, batch)``; after each step it counts, calls ``on_epoch_end(epoch)`` at the end of an
-    epoch, saves checkpoints when due (calling ``before_save()`` first, to fold device-side sums into ``state``)
-    and, on a stop request agreed by all ranks, saves one and exits. ``state`` (a JSON-able dict) holds the position
-    (``epoch``, ``step_in_epoch``, ``global_step``) and whatever the caller keeps in it; it is what a checkpoint's
-    ``trainer_state.json`` stores, so a resumed run skips exactly the batches already seen (views are seeded per
-    sample and epoch, so it sees the same ones).
+    Iterating yields ``(epoch, micro_batches)``: the ``accumulation`` micro-batches of one optimizer update (a list
+    of one batch without accumulation). After each update it counts, calls ``on_epoch_end(epoch)`` at the end of an
+    epoch, saves checkpoints when ``checkpoint_every`` says so (calling ``before_save()`` first, to fold device-side
+    sums into ``state``, and ``after_save(path)`` on the main process after, e.g. to push it) and, on a stop
+    request agreed by all ranks, saves one and exits. An epoch is
+    ``len(loader) // accumulation`` updates (left-over micro-batches are not used). ``state`` (a JSON-able dict)
+    holds the position (``epoch``, ``step_in_epoch`` and ``global_step``, both in updates) and whatever the caller
+    keeps in it; it is what a checkpoint's ``trainer_state.json`` stores, so a resumed run skips exactly the batches
+    already seen (views are seeded per sample and epoch, so it sees the same ones).
     """
 
-    def __init__(self, accelerator: Accelerator, args: argparse.Namespace, loader, state: dict, total_steps: int,
-                 checkpointer: Checkpointer, on_epoch_end=None, desc: str = "train", before_save=None):
-        self.accelerator, self.args, self.loader, self.state = accelerator, args, loader, state
-        self.total_steps, self.checkpointer = total_steps, checkpointer
-        self.steps_per_epoch = len(loader)
+    def __init__(self, accelerator: Accelerator, loader, state: dict, total_steps: int, checkpointer: Checkpointer,
+                 checkpoint_every: tuple[str, int] | None, on_epoch_end=None, desc: str = "train", before_save=None,
+                 accumulation: int = 1, after_save=None):
+        self.accelerator, self.loader, self.state = accelerator, loader, state
+        self.total_steps, self.checkpointer, self.checkpoint_every = total_steps, checkpointer, checkpoint_every
+        self.accumulation = accumulation
+        self.steps_per_epoch = len(loader) // accumulation
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"an epoch of {len(loader)} batches cannot fill one update of {accumulation} micro-batches "
+                "(--gradient_accumulation_steps): use fewer accumulation steps or more data")
         self.epochs = math.ceil(total_steps / self.steps_per_epoch)
         self.on_epoch_end = on_epoch_end
-        self.before_save = before_save
+        self.before_save, self.after_save = before_save, after_save
         self.desc = desc
+
+    def _updates(self, epoch: int):
+        """The micro-batch groups of ``epoch`` from its current position on."""
+        skip = self.state["step_in_epoch"] * self.accumulation
+        batches = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+        group = []
+        for batch in batches:
+            group.append(batch)
+            if len(group) == self.accumulation:
+                yield group
+                group = []
 
     def __iter__(self):
         from tqdm.auto import tqdm
@@ -454,9 +339,8 @@ class StepLoop:
             for epoch in range(state["epoch"], self.epochs):
                 state["epoch"] = epoch
                 set_loader_epoch(self.loader, epoch)
-                skip = state["step_in_epoch"]
-                for batch in acc.skip_first_batches(self.loader, skip) if skip else self.loader:
-                    yield epoch, batch
+                for group in self._updates(epoch):
+                    yield epoch, group
                     state["global_step"] += 1
                     state["step_in_epoch"] += 1
                     self.progress.update(1)
@@ -467,10 +351,12 @@ class StepLoop:
                             self.on_epoch_end(epoch)
                         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
                     stopping = stop.should_stop(acc)
-                    if checkpoint_due(self.args, state["global_step"], end_of_epoch) or stopping:
+                    if due(self.checkpoint_every, state["global_step"], epoch, end_of_epoch) or stopping:
                         if self.before_save is not None:
                             self.before_save()
                         path = self.checkpointer.save(state["global_step"], state)
+                        if self.after_save is not None and acc.is_main_process:
+                            self.after_save(path)
                         if stopping:
                             exit_for_preemption(acc, path)
                     if done:

@@ -75,13 +75,19 @@ def readme_blocks(section: str, language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", body, flags=re.MULTILINE | re.DOTALL)
 
 
+def cli_env(env=None) -> dict:
+    """The environment of every command-line subprocess of the tests: offline, unbuffered and with a fixed thread
+    count, so runs compared bit for bit compute the same way whatever the caller's OMP_NUM_THREADS."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "2", **(env or {})}
+
+
 def run_cli(args, timeout=600, env=None, cwd=None):
     """Run a command line as a subprocess, offline, returning the CompletedProcess (stdout+stderr kept)."""
     import subprocess
 
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                "OMP_NUM_THREADS": "2", **(env or {})}
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO_ROOT)
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=cli_env(env),
+                          cwd=cwd or REPO_ROOT)
 
 
 @pytest.fixture

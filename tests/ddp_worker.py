@@ -25,7 +25,8 @@ def one_step_of_each(out: Path) -> None:
     from accelerate import Accelerator
 
     from nasiam_hf import NASiamConfig, NASiamForArchitectureSearch
-    from nasiam_hf.search import alpha_step, weight_step
+    from nasiam_hf.optimization import weight_step
+    from nasiam_hf.search import alpha_step
 
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -52,15 +53,13 @@ def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     flags = sys.argv[sys.argv.index("--") + 1:]
     out.mkdir(parents=True, exist_ok=True)
-    if mode == "search":
-        from nasiam_hf.commands.search import parse_args
-        from nasiam_hf.search import run_search as run
+    from nasiam_hf import PretrainCommand, SearchCommand, run_pretrain, run_search
 
+    if mode == "search":
         one_step_of_each(out)
+        model = run_search(SearchCommand.parse(flags))
     else:
-        from nasiam_hf.commands.pretrain import parse_args
-        from nasiam_hf.pretrain import run_pretrain as run
-    model = run(parse_args(flags))
+        model = run_pretrain(PretrainCommand.parse(flags))
     rank = int(os.environ.get("RANK", "0"))
     save_file(state(model), str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"world_size": int(os.environ.get("WORLD_SIZE", "1"))}))

@@ -1,6 +1,5 @@
 """Tests of nasiam_hf.hub: atomic writes, run metadata, plots, the model card and the push to a local Hub stand-in."""
 
-import argparse
 import base64
 import json
 import math
@@ -17,9 +16,8 @@ from PIL import Image
 
 import nasiam_hf
 from nasiam_hf import NASiamConfig
+from nasiam_hf.fileio import atomic_write_json, atomic_write_text
 from nasiam_hf.hub import (
-    atomic_write_json,
-    atomic_write_text,
     hub_dataset_id,
     plot_genotype,
     plot_search_history,
@@ -61,13 +59,14 @@ def test_atomic_write_text_replaces_and_cleans_up_on_write_error(tmp_path, monke
 
 
 def test_save_run_metadata_records_args_versions_and_time(tmp_path):
-    args = argparse.Namespace(num_train_epochs=2, learning_rate=0.06, output_dir=tmp_path, hub_token="hf_secret",
-                              genotype=("identity", "linear_relu"))
-    path = save_run_metadata(tmp_path, args)
+    command = nasiam_hf.PretrainCommand.parse(["--dataset_name", "demo", "--output_dir", str(tmp_path),
+                                               "--num_train_epochs", "2", "--hub_token", "hf_secret"])
+    path = save_run_metadata(tmp_path, command, command=command.name, resolved={"optimization": {"base_lr": 0.06}})
     assert path == tmp_path / "training_args.json"
     data = json.loads(path.read_text())
-    assert data["num_train_epochs"] == 2 and data["learning_rate"] == 0.06
-    assert data["output_dir"] == str(tmp_path) and data["genotype"] == ["identity", "linear_relu"]
+    assert data["num_train_epochs"] == 2 and data["learning_rate"] is None and data["dataset_name"] == "demo"
+    assert data["output_dir"] == str(tmp_path) and data["command"] == "nasiam-pretrain"
+    assert data["resolved"] == {"optimization": {"base_lr": 0.06}}
     assert data["hub_token"] == "<redacted>" and "hf_secret" not in path.read_text()
     versions = data["package_versions"]
     for key in ("nasiam_hf", "torch", "torchvision", "transformers", "huggingface_hub", "accelerate", "datasets",
@@ -75,8 +74,9 @@ def test_save_run_metadata_records_args_versions_and_time(tmp_path):
         assert key in versions
     assert versions["torch"] and versions["transformers"] and versions["python"].count(".") == 2
     assert data["timestamp_utc"].endswith("+00:00")
-    save_run_metadata(tmp_path, {"seed": 1}, filename="search_args.json")
-    assert json.loads((tmp_path / "search_args.json").read_text())["seed"] == 1
+    save_run_metadata(tmp_path, {"seed": 1, "genotype": ("identity", "linear_relu")}, filename="search_args.json")
+    saved = json.loads((tmp_path / "search_args.json").read_text())
+    assert saved["seed"] == 1 and saved["genotype"] == ["identity", "linear_relu"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

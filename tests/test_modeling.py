@@ -11,7 +11,8 @@ from conftest import run_without_package
 import nasiam_hf
 from nasiam_hf import NASiamConfig, NASiamForArchitectureSearch, NASiamForPreTraining, NASiamModel
 from nasiam_hf.objectives import MoCoQueue, simsiam_loss
-from nasiam_hf.search import alpha_step, build_arch_optimizer, build_weight_optimizer, weight_step
+from nasiam_hf.optimization import build_sgd, weight_step
+from nasiam_hf.search import alpha_step, build_arch_optimizer
 
 FRAMEWORKS = ["simsiam", "simclr", "mocov2", "byol"]
 
@@ -191,7 +192,7 @@ def test_alpha_step_moves_only_alphas_and_weight_step_only_weights(framework):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert arch_names and not (arch_names & weight_names) and arch_names | weight_names == trainable
     arch_opt = build_arch_optimizer(model)
-    weight_opt = build_weight_optimizer(model.weight_parameters(), lr=0.1, weight_decay=5e-4)
+    weight_opt = build_sgd(model.weight_parameters(), lr=0.1, weight_decay=5e-4)
     x1, x2 = views()
     batch = {"pixel_values": x1, "pixel_values_2": x2}
     queue = model.queue.keys.clone() if framework == "mocov2" else None

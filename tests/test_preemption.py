@@ -1,6 +1,5 @@
 """A pretraining process killed mid-epoch resumes from its last checkpoint to exactly the uninterrupted result."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, run_cli
+from conftest import REPO_ROOT, cli_env, run_cli
 
 
 def test_killed_pretraining_resumes_to_the_same_weights(tiny_parquet, tmp_path):
@@ -23,8 +22,7 @@ def test_killed_pretraining_resumes_to_the_same_weights(tiny_parquet, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*command, "--output_dir", str(killed)], cwd=REPO_ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    proc = subprocess.Popen([*command, "--output_dir", str(killed)], cwd=REPO_ROOT, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = killed / "checkpoints" / "step-00000003"  # mid-way through the first of two 6-step epochs
     deadline = time.time() + 300

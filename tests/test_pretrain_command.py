@@ -62,7 +62,9 @@ def test_pretraining_writes_a_loadable_model_folder(pretrained):
         with Image.open(out / name) as image:
             assert image.format == "PNG"
     args = json.loads((out / "training_args.json").read_text())
-    assert args["genotype"] == "simsiam-cifar10-resnet18" and args["learning_rate"] == 0.06
+    assert args["genotype"] == "simsiam-cifar10-resnet18" and args["learning_rate"] is None  # as given
+    resolved = args["resolved"]["optimization"]  # what the run used: the recipe's values
+    assert resolved["base_lr"] == 0.06 and resolved["recipe"] == "cifar" and args["command"] == "nasiam-pretrain"
     assert "transformers" in args["package_versions"]
 
 

@@ -72,7 +72,7 @@ def test_output_dir_holding_a_different_run_is_refused(tiny_parquet, tmp_path, c
         pretrain(tiny_parquet, out, "--learning_rate", "0.1")
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
-    assert "already holds a different run" in message and "learning_rate: 0.06 -> 0.1" in message
+    assert "already holds a different run" in message and "learning_rate: unset -> 0.1" in message
     assert "--overwrite_output_dir" in message
     assert (out / "model.safetensors").read_bytes() == before  # untouched
     pretrain(tiny_parquet, out, "--resume_from_checkpoint", "latest")  # the same run may resume there
@@ -80,12 +80,13 @@ def test_output_dir_holding_a_different_run_is_refused(tiny_parquet, tmp_path, c
     assert json.loads((out / "run_args.json").read_text())["learning_rate"] == 0.1
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_parquet, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_parquet, tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         pretrain(tiny_parquet, out, "--learning_rate", "1e36", "--checkpointing_steps", "1", "--genotype",
                  "simclr-baseline")
-    message = str(exit_info.value.code)
+    assert exit_info.value.code == 1  # a failure during training
+    message = capsys.readouterr().err
     assert "the loss became nan" in message.lower() or "the loss became inf" in message.lower()
     assert "last good checkpoint is" in message and "step-00000001" in message
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step-*"))

@@ -1,7 +1,6 @@
 """The search end to end: a real ``accelerate launch training/search.py`` and an interrupted-then-resumed search."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, accelerate_launch, run_cli
+from conftest import REPO_ROOT, accelerate_launch, cli_env, run_cli
 from nasiam_hf import NASiamConfig, NASiamModel
 from nasiam_hf.search_space import SEARCH_SPACES
 
@@ -77,8 +76,7 @@ def test_interrupted_search_resumes_to_the_same_alphas(tiny_parquet, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
     interrupted = tmp_path / "interrupted"
-    env = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([*common, "--output_dir", str(interrupted)], cwd=REPO_ROOT, env={**os.environ, **env},
+    proc = subprocess.Popen([*common, "--output_dir", str(interrupted)], cwd=REPO_ROOT, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not list((interrupted / "checkpoints").glob("step-*")) and time.time() < deadline:

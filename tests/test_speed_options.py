@@ -22,9 +22,10 @@ from nasiam_hf.data import (
 )
 from nasiam_hf.heads import MixedLayer
 from nasiam_hf.modeling_nasiam import NASiamForPreTraining
-from nasiam_hf.search import model_inputs
+from nasiam_hf.optimization import model_inputs
 from nasiam_hf.search_space import SEARCH_SPACES
-from nasiam_hf.trainer import DeviceSums, build_optimizer, fused_optimizer_supported, prepare_model_layout
+from nasiam_hf.optimization import build_optimizer, fused_optimizer_supported
+from nasiam_hf.trainer import DeviceSums, prepare_model_layout
 
 CHANNELS_LAST_TOLERANCE = 1e-5
 BF16_TOLERANCE = 5e-2

@@ -1,0 +1,147 @@
+"""Parse a command's flags, and an optional ``--config`` file under them, into its typed bundle.
+
+``HfArgumentParser.parse_yaml_file`` builds the dataclasses straight from ``yaml.safe_load`` (no type conversion,
+no check of choices: ``learning_rate: 1e-3`` arrives as a string). Here the file is read, every key is checked
+against the command's flags (unknown keys are named), every value is converted and checked like the same value on
+the command line, and the result becomes the parser's defaults; the command line is then parsed over it, so a flag
+overrides the file.
+
+A run record (the ``training_args.json`` a run writes) is accepted as a config file: what it records that is not
+an argument (package versions, timestamps, resolved values) and redacted secrets are dropped, so the record reruns
+the run, never with a redacted token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import json
+import os
+import sys
+from types import MappingProxyType
+from typing import Any
+
+# Keys of a run record that are not arguments (see nasiam_hf.hub.metadata.save_run_record).
+RECORD_KEYS = frozenset({"command", "resolved", "package_versions", "timestamp_utc", "starting_point"})
+REDACTED = "<redacted>"
+OWN_METADATA = frozenset({"resume"})  # field metadata of nasiam_hf.arguments that is not for argparse
+
+
+def build_parser(command_cls) -> argparse.ArgumentParser:
+    """The ``HfArgumentParser`` of a command: one argument group per dataclass, plus ``--config``."""
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        @staticmethod
+        def _parse_dataclass_field(parser, field):
+            # argparse receives the field's metadata as keyword arguments: hand it only what it knows
+            field = copy.copy(field)
+            field.metadata = MappingProxyType({k: v for k, v in field.metadata.items() if k not in OWN_METADATA})
+            HfArgumentParser._parse_dataclass_field(parser, field)
+
+    parser = Parser(list(command_cls.groups().values()), prog=command_cls.name or None,
+                              description=command_cls.description)
+    parser.add_argument("--config", type=str, default=None, metavar="FILE",
+                        help="A YAML or JSON file of flag values (flat 'flag_name: value'; a run's "
+                             "training_args.json also works); flags on the command line override it.")
+    return parser
+
+
+def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """dest -> the action that sets it (the positive form of a boolean flag, not its ``--no_`` complement)."""
+    found: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if action.dest in ("help", "config") or isinstance(action, argparse._StoreFalseAction):
+            continue
+        found.setdefault(action.dest, action)
+    return found
+
+
+def _convert(key: str, value: Any, action: argparse.Action, where: str) -> Any:
+    """A config-file value converted and checked as argparse would check it on the command line."""
+    if value is None:
+        return None
+    convert = action.type
+    try:
+        if action.nargs in ("+", "*"):
+            items = value if isinstance(value, list) else [value]
+            converted = [convert(str(v)) if convert else v for v in items]
+        elif isinstance(value, bool):
+            if getattr(convert, "__name__", "") != "string_to_bool":
+                raise ValueError("a boolean is not a valid value here")
+            converted = value
+        elif isinstance(value, (dict, list)):
+            if convert is not str:
+                raise ValueError("a mapping or list is not a valid value here")
+            converted = json.dumps(value)  # JSON-valued flags such as --backbone_kwargs
+        else:
+            converted = convert(str(value)) if convert is not None else value
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+        raise ValueError(f"{where}: {key}: {value!r} is not a valid value ({error})") from None
+    choices = action.choices
+    if choices is not None:
+        for item in converted if isinstance(converted, list) else [converted]:
+            if item not in choices:
+                raise ValueError(f"{where}: {key}: {item!r} is not one of {list(choices)}")
+    return converted
+
+
+def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """``{dest: value}`` from a YAML/JSON config file or a run record, converted and checked."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path!r}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.lower().endswith(".json"):
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as error:  # yaml.YAMLError, json.JSONDecodeError
+        raise ValueError(f"--config {path!r} cannot be read: {error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path!r} must hold a mapping of flag names to values, got {type(values).__name__}")
+    actions = _actions(parser)
+    is_record = "package_versions" in values or "timestamp_utc" in values
+    if is_record:  # a training_args.json: keep only this command's arguments, never a redacted secret
+        values = {k: v for k, v in values.items() if k in actions and v != REDACTED}
+    unknown = sorted(k for k in values if k not in actions)
+    if unknown:
+        hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, actions, n=1))
+                 else repr(k) for k in unknown]
+        raise ValueError(f"--config {path!r}: unknown keys {', '.join(hints)}; --help lists this command's flags")
+    return {key: _convert(key, value, actions[key], f"--config {path!r}") for key, value in values.items()}
+
+
+def parse_command(command_cls, argv: list[str] | None = None):
+    """Flags (``argv``, default ``sys.argv[1:]``) over an optional ``--config`` file -> the command's bundle."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command_cls)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=str, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is not None:
+        defaults = read_config_file(known.config, parser)
+        parser.set_defaults(**defaults)
+        for action in parser._actions:  # a value from the file satisfies a required flag
+            if action.dest in defaults and defaults[action.dest] is not None:
+                action.required = False
+    namespace, remaining = parser.parse_known_args(argv)
+    if remaining:
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    values = vars(namespace)
+    values.pop("config", None)
+    groups = {}
+    for attribute, dtype in command_cls.groups().items():
+        names = {f.name for f in dataclasses.fields(dtype) if f.init}
+        groups[attribute] = dtype(**{k: v for k, v in values.items() if k in names})
+    return command_cls(**groups)
+
+
+__all__ = ["build_parser", "parse_command", "read_config_file"]

@@ -1,0 +1,49 @@
+"""What a run publishes: run records, training and search plots, the genotype diagram, the model card and the push
+to the Hugging Face Hub. Every file goes through the atomic writers of :mod:`nasiam_hf.fileio`.
+
+JSON files read here (written by the engines):
+
+``search_history.json``::
+
+    {"ops": [op names, in the order of the weights below],
+     "genotype": {"projector": [...], "predictor": [...] | null},
+     "epochs": [{"epoch": int, "train_loss": float, "val_loss": float, "collapse_std": float,
+                 "identity_share": float,
+                 "op_weights": {"projector": [[p_op for op in ops] for each layer],
+                                "predictor": [[...]] (optional)}}, ...]}
+
+``training_history.json``::
+
+    {"collapse_reference": float (optional, 1/sqrt(projection_dim)),
+     "epochs": [{"epoch": int, "loss": float, "collapse_std": float, "lr": float,
+                 "knn_top1": float in percent | null (epochs without a kNN evaluation)}, ...]}
+
+``eval_results.json`` (written by the linear evaluation; either key may be missing)::
+
+    {"linear_probe": {"top1": float (%), "top5": float (%), "dataset_name": str, "split": str, "epochs": int},
+     "knn": {"top1": float (%), "k": int, "temperature": float, "dataset_name": str, "split": str}}
+"""
+
+from .card import hub_dataset_id, write_model_card
+from .diagram import plot_genotype
+from .metadata import package_versions, redact_secrets, save_run_metadata
+from .names import CITATION
+from .plots import OP_COLOURS, op_colour, plot_search_history, plot_training_history
+from .push import DEFAULT_IGNORE_PATTERNS, offline_mode, push_folder_to_hub
+
+__all__ = [
+    "CITATION",
+    "DEFAULT_IGNORE_PATTERNS",
+    "OP_COLOURS",
+    "hub_dataset_id",
+    "offline_mode",
+    "op_colour",
+    "package_versions",
+    "plot_genotype",
+    "plot_search_history",
+    "plot_training_history",
+    "push_folder_to_hub",
+    "redact_secrets",
+    "save_run_metadata",
+    "write_model_card",
+]

@@ -1,0 +1,289 @@
+"""What a run actually uses, resolved once from its frozen arguments: recipe values, framework constants, the image
+policy, the effective batch and learning rate. The engines print a plan, save it in ``training_args.json`` under
+``"resolved"``, and read their values from it; the parsed arguments are never written to.
+
+Precedence everywhere: an explicit flag, then the recipe (``--recipe``, else the one of the data's policy), then the
+framework's default. Flags that do not apply to the chosen framework are refused before any data is loaded
+(:func:`check_objective_flags`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .arguments import (
+    FinetuneCommand, LinearEvalCommand, ObjectiveArguments, OptimizationArguments, PretrainCommand, SearchCommand,
+)
+from .configuration_nasiam import FRAMEWORK_DEFAULTS, NASiamConfig, check_preset
+from .optimization import scaled_lr
+from .presets import PRESETS, RECIPES
+
+# Which frameworks each framework-specific flag applies to (the others would silently ignore it).
+FLAG_FRAMEWORKS = {
+    "temperature": ("simclr", "mocov2"),
+    "queue_size": ("mocov2",),
+    "momentum": ("mocov2", "byol"),
+    "predictor_layers": ("simsiam", "byol"),
+    "no_fix_predictor_lr": ("simsiam",),
+}
+# Config keys recorded by transformers that a derived config must not carry over.
+_RECORDED_KEYS = ("model_type", "transformers_version", "architectures", "auto_map", "stage_names", "out_features",
+                  "out_indices")
+
+
+def check_objective_flags(objective: ObjectiveArguments, framework: str, **others: Any) -> None:
+    """Refuse objective flags (and ``others`` given, e.g. ``predictor_layers=4``) that ``framework`` would ignore."""
+    given = {**objective.given(), **{k: v for k, v in others.items() if v not in (None, False)}}
+    for name in given:
+        allowed = FLAG_FRAMEWORKS[name]
+        if framework not in allowed:
+            raise ValueError(f"--{name} does not apply to framework {framework!r}: only {' and '.join(allowed)} "
+                             "use it")
+
+
+def recipe_name(requested: str | None, policy: str) -> str:
+    """``--recipe``, else the recipe of the data's policy."""
+    return requested or ("imagenet" if policy == "imagenet" else "cifar")
+
+
+def recipe_block(name: str, stage: str, framework: str) -> dict[str, Any]:
+    """The ``stage`` ("search", "pretrain", "linear_eval") values of a recipe with its framework's overrides."""
+    recipe = RECIPES[name]
+    values = dict(recipe[stage])
+    framework_values = recipe.get(framework, {})
+    if stage != "linear_eval":
+        values.update({k: v for k, v in framework_values.items() if k in ("lr", "epochs", "batch_size",
+                                                                          "weight_decay")})
+    return values
+
+
+def objective_constants(name: str, framework: str) -> dict[str, Any]:
+    """temperature / queue_size / momentum of the recipe for ``framework`` (those the framework uses)."""
+    framework_values = RECIPES[name].get(framework, {})
+    return {k: v for k, v in framework_values.items()
+            if k in ObjectiveArguments.__dataclass_fields__ and framework in FLAG_FRAMEWORKS[k]}
+
+
+@dataclass(frozen=True)
+class OptimizationPlan:
+    """The weight optimisation of a run: batch, updates, learning rate (after the linear scaling rule)."""
+
+    recipe: str | None
+    per_device_batch: int
+    num_processes: int
+    accumulation: int
+    global_batch: int
+    base_lr: float
+    lr: float
+    weight_decay: float
+    epochs: int | None
+    max_train_steps: int | None
+    warmup_epochs: float
+    max_grad_norm: float | None
+
+    def describe(self) -> str:
+        batch = f"global batch {self.global_batch}"
+        if self.accumulation > 1 or self.num_processes > 1:
+            batch += f" (= {self.per_device_batch} per device x {self.num_processes} processes x {self.accumulation}" \
+                     " accumulated)"
+        return (f"{batch}, effective lr {self.lr:.4g} (= {self.base_lr} x {self.global_batch}/256), weight decay "
+                f"{self.weight_decay:g}" + (f", recipe {self.recipe}" if self.recipe else ""))
+
+    def total_steps(self, steps_per_epoch: int | None) -> int:
+        """Optimizer updates of the whole run: ``--max_train_steps``, else epochs x updates per epoch."""
+        if self.max_train_steps is not None:
+            return self.max_train_steps
+        if steps_per_epoch is None or self.epochs is None:
+            raise ValueError("the length of this run is unknown: pass --max_train_steps")
+        return self.epochs * steps_per_epoch
+
+
+def optimization_plan(opt: OptimizationArguments, num_processes: int, recipe: str | None,
+                      defaults: dict[str, Any]) -> OptimizationPlan:
+    """Flags over ``defaults`` (recipe values: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``)."""
+    batch = opt.per_device_train_batch_size or defaults["batch_size"]
+    base_lr = opt.learning_rate if opt.learning_rate is not None else defaults["lr"]
+    global_batch = batch * num_processes * opt.gradient_accumulation_steps
+    return OptimizationPlan(
+        recipe=recipe, per_device_batch=batch, num_processes=num_processes,
+        accumulation=opt.gradient_accumulation_steps, global_batch=global_batch, base_lr=base_lr,
+        lr=scaled_lr(base_lr, global_batch),
+        weight_decay=opt.weight_decay if opt.weight_decay is not None else defaults["weight_decay"],
+        epochs=opt.num_train_epochs if opt.num_train_epochs is not None else defaults.get("epochs"),
+        max_train_steps=opt.max_train_steps, warmup_epochs=opt.num_warmup_epochs, max_grad_norm=opt.max_grad_norm,
+    )
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """A search: the supernet's config, the weight optimisation and the alpha optimiser."""
+
+    config: dict[str, Any]
+    optimization: OptimizationPlan
+    fix_predictor_lr: bool
+    arch_optimizer: str
+    arch_lr: float
+    arch_weight_decay: float
+    aux_skip_weight: float | None
+    beta_darts_weight: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Architecture optimisers of the paper's code: AdamW(1e-3) in general, Adam(3e-4) for MoCo v2; weight decay 1e-3.
+ARCH_OPTIMIZERS = {"mocov2": ("adam", 3e-4)}
+DEFAULT_ARCH_OPTIMIZER = ("adamw", 1e-3)
+
+
+def check_search_flags(command: SearchCommand) -> None:
+    """Before any data: flags that the chosen framework would ignore."""
+    s = command.search
+    check_objective_flags(command.objective, s.framework, predictor_layers=s.predictor_layers)
+
+
+def plan_search(command: SearchCommand, policy: str, image_size: int, num_processes: int,
+                backbone_values: dict[str, Any] | None = None) -> SearchPlan:
+    """The search of ``command`` on data of ``policy`` at ``image_size``, on ``num_processes`` processes."""
+    s = command.search
+    name = recipe_name(s.recipe, policy)
+    config = dict(framework=s.framework, backbone=command.model.backbone, image_size=image_size,
+                  cifar_stem=policy == "cifar", search_space=s.search_space)
+    config.update(backbone_values or {})
+    if s.projector_layers is not None:
+        config["projector_layers"] = s.projector_layers
+    if FRAMEWORK_DEFAULTS[s.framework]["predictor_layers"] and s.predictor_layers is not None:
+        config["predictor_layers"] = s.predictor_layers
+    config.update({**objective_constants(name, s.framework), **command.objective.given()})
+    NASiamConfig(**config)  # validates the combination before anything is built
+    arch_name, arch_lr = ARCH_OPTIMIZERS.get(s.framework, DEFAULT_ARCH_OPTIMIZER)
+    return SearchPlan(
+        config=config,
+        optimization=optimization_plan(command.optimization, num_processes, name, recipe_block(name, "search",
+                                                                                                s.framework)),
+        fix_predictor_lr=s.framework == "simsiam",
+        arch_optimizer=arch_name,
+        arch_lr=s.arch_learning_rate if s.arch_learning_rate is not None else arch_lr,
+        arch_weight_decay=s.arch_weight_decay,
+        aux_skip_weight=(1.0 if s.aux_skip_weight is None else s.aux_skip_weight)
+        if s.search_method == "darts-minus" else None,
+        beta_darts_weight=(1.0 if s.beta_darts_weight is None else s.beta_darts_weight)
+        if s.search_method == "beta-darts" else None,
+    )
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    """A pretraining: the model's config, the weight optimisation and SimSiam's fixed predictor lr."""
+
+    config: dict[str, Any]
+    optimization: OptimizationPlan
+    fix_predictor_lr: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def genotype_values(genotype: str) -> dict[str, Any]:
+    """Config values of ``--genotype``: a search output folder, a paper preset or ``<framework>-baseline``."""
+    if os.path.isdir(genotype):
+        values = NASiamConfig.from_pretrained(genotype).to_dict()
+        for key in _RECORDED_KEYS:
+            values.pop(key, None)
+        return values
+    if genotype in PRESETS:
+        return check_preset(genotype)
+    raise ValueError(
+        f"--genotype {genotype!r} is neither a search output folder nor a preset; presets: {sorted(PRESETS)}"
+    )
+
+
+def check_pretrain_flags(command: PretrainCommand) -> str:
+    """Before any data: the framework of the genotype, and refuse the flags it would ignore."""
+    framework = genotype_values(command.pretrain.genotype)["framework"]
+    check_objective_flags(command.objective, framework, no_fix_predictor_lr=command.pretrain.no_fix_predictor_lr)
+    return framework
+
+
+def plan_pretrain(command: PretrainCommand, policy: str, image_size: int, num_processes: int,
+                  backbone_values: dict[str, Any] | None = None) -> PretrainPlan:
+    """The pretraining of ``command`` on data of ``policy`` at ``image_size``, on ``num_processes`` processes."""
+    values = genotype_values(command.pretrain.genotype)
+    framework = values["framework"]
+    name = recipe_name(command.pretrain.recipe, policy)
+    backbone = command.model.backbone
+    if backbone is not None and backbone != values.get("backbone"):
+        values.pop("projector_hidden_size", None)  # re-derive the width of the new backbone
+        values["backbone"] = backbone
+    values.update(backbone_values or {})
+    values.update(image_size=image_size, cifar_stem=policy == "cifar")
+    constants = objective_constants(name, framework)
+    values.update({**constants, **command.objective.given()})
+    NASiamConfig(**values)
+    return PretrainPlan(
+        config=values,
+        optimization=optimization_plan(command.optimization, num_processes, name, recipe_block(name, "pretrain",
+                                                                                                framework)),
+        fix_predictor_lr=framework == "simsiam" and not command.pretrain.no_fix_predictor_lr,
+    )
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    optimization: OptimizationPlan
+    classifier_lr_multiplier: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def plan_finetune(command: FinetuneCommand, num_processes: int) -> FinetunePlan:
+    opt = command.optimization
+    defaults = {"batch_size": opt.per_device_train_batch_size, "lr": opt.learning_rate,
+                "weight_decay": opt.weight_decay, "epochs": opt.num_train_epochs}
+    return FinetunePlan(optimization_plan(opt, num_processes, None, defaults), opt.classifier_lr_multiplier)
+
+
+@dataclass(frozen=True)
+class LinearEvalPlan:
+    epochs: int
+    per_device_batch: int
+    lr: float | None
+    weight_decay: float
+    recipe: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def plan_linear_eval(command: LinearEvalCommand, policy: str) -> LinearEvalPlan:
+    """Probe epochs from the recipe of the data's policy unless given."""
+    name = recipe_name(None, policy)
+    probe = command.probe
+    block = RECIPES[name]["linear_eval"]
+    return LinearEvalPlan(
+        epochs=probe.num_train_epochs if probe.num_train_epochs is not None else block["epochs"],
+        per_device_batch=probe.per_device_train_batch_size, lr=probe.learning_rate, weight_decay=probe.weight_decay,
+        recipe=name,
+    )
+
+
+__all__ = [
+    "FinetunePlan",
+    "LinearEvalPlan",
+    "OptimizationPlan",
+    "PretrainPlan",
+    "SearchPlan",
+    "check_objective_flags",
+    "check_pretrain_flags",
+    "check_search_flags",
+    "genotype_values",
+    "optimization_plan",
+    "plan_finetune",
+    "plan_linear_eval",
+    "plan_pretrain",
+    "plan_search",
+]
