@@ -15,6 +15,7 @@ therefore holds the same features, computes the same kNN scores and, on cached f
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -148,6 +149,33 @@ def _topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
     return result
 
 
+class KNNNeighbourhoodWarning(UserWarning):
+    """The kNN vote is dominated by the memory's largest classes (k capped, or k above the average class size)."""
+
+
+def knn_neighbourhood(k: int, memory_labels: torch.Tensor) -> tuple[int, str | None]:
+    """The ``k`` the vote really uses (at most the memory size) and, when the result would mislead, why.
+
+    The rule: warn when ``k`` exceeds the average number of memory images per class present. Each query's ``k``
+    neighbours must then come from more than one class whatever the features, so the weighted vote leans towards the
+    largest classes; when ``k`` reaches the memory size every query gets the same neighbours and the majority class.
+    """
+    size = int(memory_labels.shape[0])
+    used = min(k, size)
+    classes = int(torch.unique(memory_labels).numel())
+    per_class = size / max(classes, 1)
+    notes = []
+    if used < k:
+        notes.append(f"k={k} is more than the {size} memory images: the vote uses k={used}")
+    if used > per_class:
+        notes.append(
+            f"k={used} is above the average class size of the memory ({per_class:.1f} images: {size} over "
+            f"{classes} classes), so every neighbourhood reaches into other classes and the vote leans to the largest "
+            f"ones; use a larger memory or k <= {int(per_class)}"
+        )
+    return used, ("kNN monitor: " + "; ".join(notes)) if notes else None
+
+
 def knn_accuracy(
     memory_features: torch.Tensor,
     memory_labels: torch.Tensor,
@@ -157,10 +185,18 @@ def knn_accuracy(
     k: int = 200,
     temperature: float = 0.2,
     chunk_size: int = 1024,
+    warn: bool = True,
 ) -> dict[str, float]:
-    """``{"top1": %, "top5": %}`` of :func:`knn_predict` (``top5`` only when ``num_classes >= 5``)."""
-    scores = knn_predict(memory_features, memory_labels, query_features, num_classes, k, temperature, chunk_size)
-    return _topk_accuracy(scores, query_labels)
+    """``{"top1": %, "top5": %, "k": k used}`` of :func:`knn_predict` (``top5`` only when ``num_classes >= 5``).
+
+    ``k`` in the result is the number of neighbours actually voting (:func:`knn_neighbourhood`); with ``warn`` a
+    :class:`KNNNeighbourhoodWarning` says when it was capped or is a large share of the memory.
+    """
+    used, note = knn_neighbourhood(k, memory_labels)
+    if note is not None and warn:
+        warnings.warn(note, KNNNeighbourhoodWarning, stacklevel=2)
+    scores = knn_predict(memory_features, memory_labels, query_features, num_classes, used, temperature, chunk_size)
+    return {**_topk_accuracy(scores, query_labels), "k": used}
 
 
 def evaluate_knn(
@@ -176,11 +212,13 @@ def evaluate_knn(
 
     ``memory_loader`` must yield the *un-augmented* training images (test-time transform: resize/crop and
     normalisation only), as in the InstDisc/SimSiam monitor; ``query_loader`` yields the evaluation images.
-    Every rank returns the same numbers.
+    Every rank returns the same numbers (``k`` included: the neighbours actually voting); the main process warns
+    when they mislead (:func:`knn_neighbourhood`).
     """
     memory, memory_labels = extract_features(encoder, memory_loader, accelerator, normalize=True, desc="kNN memory")
     query, query_labels = extract_features(encoder, query_loader, accelerator, normalize=True, desc="kNN queries")
-    return knn_accuracy(memory, memory_labels, query, query_labels, num_classes, k, temperature)
+    return knn_accuracy(memory, memory_labels, query, query_labels, num_classes, k, temperature,
+                        warn=accelerator.is_main_process)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -193,8 +231,8 @@ class LinearProbeConfig:
     """Hyper-parameters of the linear probe on frozen features.
 
     Default: the features go through a non-affine ``BatchNorm1d`` (batch statistics while training, running
-    statistics at evaluation, as in MAE's probe) before the linear layer, trained with SGD at ``0.03 x
-    batch_size / 256``, momentum 0.9, no weight decay, cosine schedule over all steps, 100 epochs. Standardising
+    statistics at evaluation, as in MAE's probe) before the linear layer, trained with SGD at ``0.03 x global
+    batch / 256``, momentum 0.9, no weight decay, cosine schedule over all steps, 100 epochs. Standardising
     the features takes the backbone's feature scale out of the learning rate. ``feature_norm="none", lr=30`` is the
     official SimSiam CIFAR probe on raw features, kept for comparison.
 
@@ -209,8 +247,10 @@ class LinearProbeConfig:
 
     Args:
         epochs: passes over the training features (or images).
-        batch_size: samples per step (per rank on the image path; the full batch on every rank on cached features).
-        lr: learning rate; ``None`` = ``0.03 x batch_size / 256`` with ``feature_norm="batchnorm"``, 30 without.
+        batch_size: samples per step (per process on the image path; the whole batch, on every process, on cached
+            features). A labelled set smaller than the batch is used whole (:func:`fit_probe_batch`).
+        lr: learning rate, used as given; ``None`` = ``base_lr x global batch / 256`` (:meth:`lr_for`), where
+            ``base_lr`` is 0.03 with ``feature_norm="batchnorm"`` and 30 without (the official probes' lr 30 at 256).
         momentum: SGD momentum.
         weight_decay: SGD weight decay (0 in the official probes).
         feature_norm: ``"batchnorm"`` (non-affine BatchNorm1d in front of the linear layer) or ``"none"``.
@@ -234,11 +274,40 @@ class LinearProbeConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
     @property
+    def base_lr(self) -> float:
+        """The default rate per 256 images of the global batch for ``feature_norm``."""
+        return 0.03 if self.feature_norm == "batchnorm" else 30.0
+
+    def lr_for(self, global_batch: int) -> float:
+        """The learning rate of a step over ``global_batch`` images: ``lr`` when given, else the scaled default."""
+        return self.lr if self.lr is not None else self.base_lr * global_batch / 256
+
+    @property
     def effective_lr(self) -> float:
-        """The learning rate actually used (``lr`` or its default for ``feature_norm``)."""
-        if self.lr is not None:
-            return self.lr
-        return 0.03 * self.batch_size / 256 if self.feature_norm == "batchnorm" else 30.0
+        """The learning rate for a global batch of ``batch_size`` (one process, a set of at least that size)."""
+        return self.lr_for(self.batch_size)
+
+
+def fit_probe_batch(num_samples: int, batch_size: int, num_processes: int = 1) -> int:
+    """The per-process probe batch for ``num_samples`` labelled images: ``batch_size``, or fewer so that every
+    process gets one full batch (loaders drop their last partial batch), as few-label evaluations (say 200 images)
+    need. A ValueError when a process would get fewer than 2 images (BatchNorm needs 2)."""
+    share = num_samples // max(num_processes, 1)
+    if share < 2:
+        raise ValueError(
+            f"the linear probe needs at least 2 labelled images per process; got {num_samples} images for "
+            f"{num_processes} process(es)"
+        )
+    return min(batch_size, share)
+
+
+def loader_global_batch(loader, num_processes: int, default: int) -> int:
+    """Images per step over all processes: an accelerate-prepared loader knows it (``total_batch_size``), a plain
+    loader is taken to run on every process with its own ``batch_size`` (``default`` when it has none)."""
+    total = getattr(loader, "total_batch_size", None)
+    if total:
+        return int(total)
+    return int(getattr(loader, "batch_size", None) or default) * num_processes
 
 
 def build_linear_classifier(num_features: int, num_classes: int, config: LinearProbeConfig) -> nn.Module:
@@ -256,9 +325,9 @@ def build_linear_classifier(num_features: int, num_classes: int, config: LinearP
     return nn.Sequential(linear)
 
 
-def _make_optimizer(classifier: nn.Module, config: LinearProbeConfig, total_steps: int):
+def _make_optimizer(classifier: nn.Module, config: LinearProbeConfig, total_steps: int, lr: float):
     optimizer = torch.optim.SGD(
-        classifier.parameters(), lr=config.effective_lr, momentum=config.momentum, weight_decay=config.weight_decay
+        classifier.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, 0, total_steps))
     return optimizer, scheduler
@@ -309,8 +378,9 @@ def train_linear_probe(
 ) -> tuple[nn.Module, list[dict]]:
     """Train a linear classifier on cached (pre-extracted) features; the fast path when augmentation is off.
 
-    Shuffles with a generator seeded by ``config.seed``; SGD with a per-step cosine schedule. ``accelerator`` only
-    picks the device. Under several processes every rank holds the full feature set (from
+    Shuffles with a generator seeded by ``config.seed``; SGD with a per-step cosine schedule, its rate scaled to
+    the batch actually used (``min(batch_size, N)``). ``accelerator`` picks the device and the process that shows
+    the epoch progress bar. Under several processes every rank holds the full feature set (from
     :func:`extract_features`) and trains an identical probe, so nothing is wrapped in DDP.
 
     Returns the classifier (normalisation included: it takes raw features; left in eval mode) and one dict per
@@ -331,10 +401,11 @@ def train_linear_probe(
     # a last batch of one sample cannot be batch-normalised: skip it (the epoch's reshuffle changes who is left out)
     steps_per_epoch = n // batch_size + (1 if n % batch_size >= 2 else 0)
     total_steps = steps_per_epoch * config.epochs
-    optimizer, scheduler = _make_optimizer(classifier, config, total_steps)
+    optimizer, scheduler = _make_optimizer(classifier, config, total_steps, config.lr_for(batch_size))
     generator = torch.Generator().manual_seed(config.seed)
     history = []
-    for epoch in range(config.epochs):
+    epochs = tqdm(range(config.epochs), desc="linear probe", leave=False, disable=not _is_main(accelerator))
+    for epoch in epochs:
         classifier.train()
         order = torch.randperm(n, generator=generator).to(device)
         # sums stay on the device (read once per epoch), so the steps are queued without waiting for each other
@@ -353,8 +424,20 @@ def train_linear_probe(
             seen += idx.shape[0]
         history.append(_epoch_record(epoch, loss_sum.item(), correct.item(), seen, lr, classifier, eval_features,
                                      eval_labels))
+        epochs.set_postfix(_postfix(history[-1]))
     classifier.eval()
     return classifier, history
+
+
+def _is_main(accelerator) -> bool:
+    return accelerator is None or accelerator.is_local_main_process
+
+
+def _postfix(record: dict) -> dict[str, str]:
+    shown = {"loss": f"{record['loss']:.3f}", "train": f"{record['train_top1']:.1f}%"}
+    if "eval_top1" in record:
+        shown["eval"] = f"{record['eval_top1']:.1f}%"
+    return shown
 
 
 def train_linear_probe_on_images(
@@ -370,9 +453,11 @@ def train_linear_probe_on_images(
     The encoder runs in eval mode without gradients (its mode is restored at the end); only the classifier trains.
     The classifier and its optimiser go through ``accelerator.prepare`` so that, under several processes, DDP
     averages the classifier's gradients across ranks (each rank sees its shard of ``train_loader``, which should be
-    prepared by the caller). ``eval_loader`` (un-augmented) is encoded once and scored after every epoch.
-    Batches of a single sample are skipped when the classifier batch-normalises. Returns the unwrapped classifier
-    (eval mode) and per-epoch dicts as in :func:`train_linear_probe` (``loss``/``train_top1`` are this rank's).
+    prepared by the caller). The default rate scales with the global batch (:func:`loader_global_batch`: the
+    per-process batch times the processes), not one process's share. ``eval_loader`` (un-augmented) is encoded once
+    and scored after every epoch. Batches of a single sample are skipped when the classifier batch-normalises.
+    Returns the unwrapped classifier (eval mode) and per-epoch dicts as in :func:`train_linear_probe`
+    (``loss``/``train_top1`` are this rank's).
     """
     config = config or LinearProbeConfig()
     eval_features = eval_labels = None
@@ -382,11 +467,17 @@ def train_linear_probe_on_images(
     if was_training is not None:
         encoder.eval()
     classifier = optimizer = scheduler = None
-    lr = config.effective_lr
+    lr = config.lr_for(loader_global_batch(train_loader, accelerator.num_processes, config.batch_size))
     history = []
     total_steps = len(train_loader) * config.epochs
+    if total_steps == 0:
+        raise ValueError(
+            f"the training loader yields no batches (its batch of {config.batch_size} per process is larger than "
+            "the labelled set and it drops partial batches): choose the batch with fit_probe_batch"
+        )
+    epochs = tqdm(range(config.epochs), desc="linear probe", leave=False, disable=not _is_main(accelerator))
     try:
-        for epoch in range(config.epochs):
+        for epoch in epochs:
             # device-side sums, read once per epoch
             loss_sum = torch.zeros((), device=accelerator.device)
             correct, seen = torch.zeros((), dtype=torch.long, device=accelerator.device), 0
@@ -400,7 +491,7 @@ def train_linear_probe_on_images(
                 features = features.float().detach()
                 if classifier is None:  # the feature width is known after the first batch
                     module = build_linear_classifier(features.shape[1], num_classes, config)
-                    optimizer, scheduler = _make_optimizer(module, config, total_steps)
+                    optimizer, scheduler = _make_optimizer(module, config, total_steps, lr)
                     classifier, optimizer = accelerator.prepare(module, optimizer)
                 if config.feature_norm == "batchnorm" and features.shape[0] < 2:
                     continue
@@ -419,6 +510,7 @@ def train_linear_probe_on_images(
                 raise ValueError("the training loader yielded no batches")
             history.append(_epoch_record(epoch, loss_sum.item(), correct.item(), seen, lr,
                                          accelerator.unwrap_model(classifier), eval_features, eval_labels))
+            epochs.set_postfix(_postfix(history[-1]))
     finally:
         if was_training is not None:
             encoder.train(was_training)
@@ -428,13 +520,17 @@ def train_linear_probe_on_images(
 
 
 __all__ = [
+    "KNNNeighbourhoodWarning",
     "LinearProbeConfig",
     "build_linear_classifier",
     "evaluate_classifier",
     "evaluate_knn",
     "extract_features",
+    "fit_probe_batch",
     "knn_accuracy",
+    "knn_neighbourhood",
     "knn_predict",
+    "loader_global_batch",
     "train_linear_probe",
     "train_linear_probe_on_images",
 ]

@@ -140,9 +140,18 @@ class MixedLayer(nn.Module):
                 outs[k] = y
         return outs
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    @property
+    def keeps_width(self) -> bool:
+        return self.d_in == self.d_out
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, aux_skip_weight: float = 0.0) -> torch.Tensor:
+        """``sum_k weights[k] * op_k(x)``, plus ``aux_skip_weight * x`` on a layer that keeps its width (DARTS-'s
+        auxiliary skip; see :mod:`~nasiam_hf.search_methods`)."""
         stacked = torch.stack(self.candidate_outputs(x), dim=1)  # (B, K, d_out)
-        return (stacked * weights.to(stacked.dtype).view(1, -1, 1)).sum(dim=1)
+        out = (stacked * weights.to(stacked.dtype).view(1, -1, 1)).sum(dim=1)
+        if aux_skip_weight and self.keeps_width:
+            out = out + aux_skip_weight * x
+        return out
 
     # -- one candidate at a time (inspection, tests) --------------------------------------------------------------
     @property
@@ -207,6 +216,8 @@ class SearchCell(nn.Module):
     """The searchable head: a chain of mixed layers whose op weights ``alphas`` (layers x ops) are parameters.
 
     Being an ``nn.Parameter``, ``alphas`` is saved in ``state_dict``, moves with ``.to()`` and is seen by DDP.
+    ``aux_skip_weight`` (a float, 0 by default) adds DARTS-'s auxiliary skip to every width-keeping layer; the search
+    sets it each step from its schedule, so it is not state to save.
     """
 
     def __init__(self, ops: Sequence[str], spec: HeadSpec):
@@ -217,16 +228,22 @@ class SearchCell(nn.Module):
         )
         self.alphas = nn.Parameter(torch.zeros(spec.num_layers, len(self.op_names)))
         self.output = build_output_layer(spec)
+        self.aux_skip_weight = 0.0
 
     def op_weights(self) -> torch.Tensor:
-        """Softmax of the alphas per layer: the weight of every op in every layer."""
-        return torch.softmax(self.alphas.float(), dim=-1)
+        """Softmax of the alphas per layer (in float32 at least): the weight of every op in every layer."""
+        return torch.softmax(self.alphas.to(torch.promote_types(self.alphas.dtype, torch.float32)), dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = self.op_weights().to(x.dtype)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The cell on ``x``; ``weights`` (layers x ops) replaces the softmaxed alphas, e.g. to mask an op."""
+        weights = (self.op_weights() if weights is None else weights).to(x.dtype)
         for layer, w in zip(self.layers, weights):
-            x = layer(x, w)
+            x = layer(x, w, self.aux_skip_weight)
         return x if self.output is None else self.output(x)
+
+    def width_keeping_layers(self) -> list[bool]:
+        """Whether each layer keeps its width (where identity is a true skip and DARTS-'s skip applies)."""
+        return [layer.keeps_width for layer in self.layers]
 
     def genotype(self) -> list[str]:
         """The op with the largest alpha in each layer (identity included), as Algorithm 1 derives it."""

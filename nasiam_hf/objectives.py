@@ -1,13 +1,14 @@
 """The four siamese objectives and their state (MoCo queue, momentum updates), correct under several processes.
 
-Losses run in float32 whatever the autocast dtype. Anything that changes state (EMA updates, queue writes) is an
-explicit call, made by the trainer after a weight step and never during an architecture step.
+Losses run in float32 (float64 for float64 inputs) whatever the autocast dtype. Anything that changes state (EMA
+updates, queue writes) is an explicit call, made by the trainer after a weight step and never during an
+architecture step. MoCo v2's key encoder runs through :func:`shuffled_key_encode` (Shuffle-BN / split-BN).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import distributed as dist
@@ -55,9 +56,14 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def full(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 at least: losses never run in half precision, and float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """D(p, z) = -cos(p, stopgrad(z)), averaged over the batch (the paper's Eq. 3)."""
-    return -F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
+    return -F.cosine_similarity(full(p), full(z.detach()), dim=-1).mean()
 
 
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -66,8 +72,14 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
 
 
 def byol_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
-    """BYOL's symmetric regression loss, sum over both directions of ``2 - 2 cos(p, target)``: in [0, 8]."""
-    return 4 + 2 * (negative_cosine(p1, t2) + negative_cosine(p2, t1))
+    """BYOL's symmetric loss scaled for SGD: ``0.5 (D(p1, t2) + D(p2, t1))`` against the momentum targets, in
+    [-1, 1].
+
+    The BYOL paper sums ``2 - 2 cos`` over both directions (in [0, 8]): the same minimiser with 4x the gradient,
+    which LARS' per-layer trust ratio absorbs and SGD does not. This is the scale of lightly's CIFAR-10 benchmark
+    (SGD), and of SimSiam's loss, so the two frameworks share a learning rate range.
+    """
+    return 0.5 * (negative_cosine(p1, t2) + negative_cosine(p2, t1))
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -78,7 +90,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
     """
     rank, world = _world()
     batch = z1.shape[0]
-    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    z1, z2 = F.normalize(full(z1), dim=1), F.normalize(full(z2), dim=1)
     keys = torch.cat([gather_with_grad(z1), gather_with_grad(z2)])  # (2 * W * B, D)
     queries = torch.cat([z1, z2])  # (2 * B, D)
     logits = queries @ keys.T / temperature
@@ -100,11 +112,67 @@ def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
 
 
 def mocov2_loss(q1, q2, k1, k2, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric MoCo v2 loss: each view's query against the other view's momentum key."""
-    q1, q2 = F.normalize(q1.float(), dim=1), F.normalize(q2.float(), dim=1)
-    k1, k2 = F.normalize(k1.float(), dim=1), F.normalize(k2.float(), dim=1)
-    queue = queue.float()
-    return 0.5 * (info_nce_loss(q1, k2, queue, temperature) + info_nce_loss(q2, k1, queue, temperature))
+    """Symmetric MoCo v2 loss ``L12 + L21``: each view's query against the other view's momentum key, summed.
+
+    The sum, not the mean, is the symmetric loss of the MoCo CIFAR-10 demo and of the authors' code, trained there
+    at lr 0.06 for batch 512 (0.03 per 256): each direction then takes the step the asymmetric reference takes, and
+    weight decay is not doubled against it as a mean at twice the lr would.
+    """
+    q1, q2 = F.normalize(full(q1), dim=1), F.normalize(full(q2), dim=1)
+    k1, k2 = F.normalize(full(k1), dim=1), F.normalize(full(k2), dim=1)
+    queue = full(queue)
+    return info_nce_loss(q1, k2, queue, temperature) + info_nce_loss(q2, k1, queue, temperature)
+
+
+def siamese_loss(framework: str, z1: torch.Tensor, z2: torch.Tensor, *, p1: torch.Tensor | None = None,
+                 p2: torch.Tensor | None = None, t1: torch.Tensor | None = None, t2: torch.Tensor | None = None,
+                 queue: torch.Tensor | None = None, temperature: float | None = None) -> torch.Tensor:
+    """The loss of ``framework`` from projections ``z``, predictions ``p`` and momentum outputs ``t`` of both views.
+
+    One dispatch for every caller (the model's forward, the head-only losses of the search diagnostics):
+    SimSiam needs p and z, BYOL p and t, SimCLR z and the temperature, MoCo v2 z, t (the keys), queue and
+    temperature.
+    """
+    if framework == "simsiam":
+        return simsiam_loss(p1, p2, z1, z2)
+    if framework == "byol":
+        return byol_loss(p1, p2, t1, t2)
+    if framework == "simclr":
+        return nt_xent_loss(z1, z2, temperature)
+    if framework == "mocov2":
+        return mocov2_loss(z1, z2, t1, t2, queue, temperature)
+    raise ValueError(f"unknown framework {framework!r}; allowed frameworks: {list(FRAMEWORKS)}")
+
+
+@torch.no_grad()
+def shuffled_key_encode(encoder: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                        num_splits: int = 8) -> torch.Tensor:
+    """MoCo's key encoder with BatchNorm statistics its query does not share (Shuffle-BN), in input order.
+
+    The global key batch is shuffled and cut into ``num_splits`` BatchNorm groups, so a key and its query are
+    normalised over different images: on one process the local batch is split (the SplitBatchNorm of the MoCo
+    CIFAR-10 demo, 8 groups to stand for its 8 GPUs); on W processes the shuffle runs over all ranks, as in the
+    MoCo reference, and each rank's share is split into ``num_splits // W`` groups (at least one: each rank's own
+    BatchNorm is one group). The encoder's BatchNorm layers must be plain per-process BatchNorm, not SyncBatchNorm.
+    A group holds at least 2 images (BatchNorm1d in the projector needs 2), so small batches use fewer groups.
+    The shuffle draws from torch's global generator of the images' device (saved in every checkpoint, so a resumed
+    run draws the same), and the permutation of rank 0 is broadcast.
+    """
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    rank, world = _world()
+    local = images.shape[0]
+    everything = gather_no_grad(images)
+    order = torch.randperm(everything.shape[0], device=images.device)
+    if world > 1:
+        dist.broadcast(order, src=0)
+    mine = everything[order[rank * local:(rank + 1) * local]]
+    groups = max(1, min(num_splits // world, local // 2))
+    keys = torch.cat([encoder(part) for part in mine.tensor_split(groups)])
+    keys = gather_no_grad(keys)
+    restored = torch.empty_like(keys)
+    restored[order] = keys
+    return restored[rank * local:(rank + 1) * local]
 
 
 def collapse_std(z: torch.Tensor) -> torch.Tensor:
@@ -112,7 +180,7 @@ def collapse_std(z: torch.Tensor) -> torch.Tensor:
 
     About ``1/sqrt(dim)`` for well-spread outputs and 0 for a collapsed (constant) output, as in the SimSiam paper.
     """
-    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
+    return F.normalize(full(z.detach()), dim=1).std(dim=0).mean()
 
 
 class MoCoQueue(nn.Module):

@@ -1,9 +1,11 @@
 """The paper's discovered genotypes, each framework's standard heads, and the training recipes, by name.
 
-Plain data only: :meth:`NASiamConfig.from_preset` and the training scripts read these tables.
+Plain data only: :meth:`NASiamConfig.from_preset` reads the genotype tables, the engines :func:`resolve_recipe`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 # Genotypes found by the paper's authors (their official repository's genotype files), searched on CIFAR.
 PAPER_PRESETS: dict[str, dict] = {
@@ -84,30 +86,171 @@ BASELINE_PRESETS: dict[str, dict] = {
 
 PRESETS: dict[str, dict] = {**PAPER_PRESETS, **BASELINE_PRESETS}
 
-# Training recipes (DESIGN.md facts). lr is the base rate for a batch of 256, scaled linearly by global batch / 256.
-RECIPES: dict[str, dict] = {
-    "cifar": {
-        "image_size": 32,
-        "cifar_stem": True,
-        "search": {"epochs": 100, "batch_size": 512, "lr": 0.06, "momentum": 0.9, "weight_decay": 5e-4},
-        "pretrain": {
-            "epochs": 800, "batch_size": 512, "lr": 0.06, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 0,
-        },
-        "linear_eval": {"epochs": 100, "batch_size": 256, "lr": 30.0, "weight_decay": 0.0},
-        "mocov2": {"queue_size": 4096, "momentum": 0.99, "temperature": 0.1},
-        "simclr": {"temperature": 0.5},
-        "byol": {"momentum": 0.99},
-    },
-    "imagenet": {
-        "image_size": 224,
-        "cifar_stem": False,
-        "search": {"epochs": 100, "batch_size": 512, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
-        "pretrain": {
-            "epochs": 100, "batch_size": 512, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "warmup_epochs": 0,
-        },
-        "linear_eval": {"epochs": 90, "batch_size": 4096, "lr": 0.1, "weight_decay": 0.0},
-        "mocov2": {"queue_size": 65536, "momentum": 0.999, "temperature": 0.2, "lr": 0.03, "epochs": 200},
-        "simclr": {"temperature": 0.5},
-        "byol": {"momentum": 0.99},
-    },
+# ---------------------------------------------------------------------------------------------------------------------
+# Training recipes: every value a run takes from ``--recipe``, per framework. docs/recipes.md sets each one beside the
+# paper's and the authors' code's and says why where they differ; tests/test_recipes.py checks the two agree.
+# ---------------------------------------------------------------------------------------------------------------------
+
+RECIPE_NAMES = ("cifar", "imagenet")
+ARCH_OPTIMIZERS = ("adamw", "adam")
+KEY_MOMENTUM_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class SearchRecipe:
+    """The bilevel search: SGD on the weights (``lr`` per 256 images of the global batch), an Adam-type optimizer on
+    the alphas, the training split cut into a weight half and an alpha half (``train_portion``)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    momentum: float
+    fix_predictor_lr: bool
+    arch_optimizer: str
+    arch_lr: float
+    arch_betas: tuple[float, float]
+    arch_weight_decay: float
+    train_portion: float
+
+
+@dataclass(frozen=True)
+class ProbeRecipe:
+    """The linear probe on frozen features: SGD at ``base_lr`` per 256 images of the global batch."""
+
+    epochs: int
+    batch_size: int
+    base_lr: float
+    weight_decay: float
+    momentum: float
+    feature_norm: str
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything one ``--recipe`` fixes for one framework; ``resolve_recipe`` returns it.
+
+    ``lr`` is the base rate for 256 images; the run uses ``scaled_lr(global batch)`` (``lr_scaling`` "linear":
+    ``lr x global batch / 256``). ``batch_size`` is the global batch. ``key_momentum`` is MoCo v2's key-encoder
+    momentum or BYOL's base EMA rate (``key_momentum_schedule`` "cosine": it rises to 1). ``loss`` names the form
+    :mod:`~nasiam_hf.objectives` computes. ``key_bn_splits`` is the number of BatchNorm groups MoCo v2's key batch is
+    cut into (:func:`~nasiam_hf.objectives.shuffled_key_encode`); ``None`` where there is no key encoder.
+    """
+
+    name: str
+    framework: str
+    image_size: int
+    cifar_stem: bool
+    epochs: int
+    batch_size: int
+    lr: float
+    lr_scaling: str
+    weight_decay: float
+    momentum: float
+    warmup_epochs: int
+    temperature: float | None
+    queue_size: int | None
+    key_momentum: float | None
+    key_momentum_schedule: str | None
+    loss: str
+    key_bn_splits: int | None
+    zero_init_residual: bool
+    fix_predictor_lr: bool
+    search: SearchRecipe
+    probe: ProbeRecipe
+
+    def scaled_lr(self, global_batch: int) -> float:
+        """The pretraining learning rate for ``global_batch`` images per step."""
+        return self.lr * global_batch / 256
+
+    def method_values(self) -> dict[str, float | int]:
+        """The framework constants the recipe sets, under their NASiamConfig names (temperature, queue_size,
+        momentum); those a framework does not use are left out."""
+        values = {"temperature": self.temperature, "queue_size": self.queue_size, "momentum": self.key_momentum}
+        return {key: value for key, value in values.items() if value is not None}
+
+
+_CIFAR_SEARCH = SearchRecipe(epochs=100, batch_size=512, lr=0.06, weight_decay=5e-4, momentum=0.9,
+                             fix_predictor_lr=False, arch_optimizer="adamw", arch_lr=1e-3, arch_betas=(0.9, 0.999),
+                             arch_weight_decay=1e-3, train_portion=0.5)
+_PROBE = ProbeRecipe(epochs=100, batch_size=256, base_lr=0.03, weight_decay=0.0, momentum=0.9,
+                     feature_norm="batchnorm")
+_CIFAR = dict(name="cifar", image_size=32, cifar_stem=True, epochs=800, batch_size=512, lr=0.06, lr_scaling="linear",
+              weight_decay=5e-4, momentum=0.9, warmup_epochs=0, temperature=None, queue_size=None, key_momentum=None,
+              key_momentum_schedule=None, key_bn_splits=None, zero_init_residual=True, fix_predictor_lr=False,
+              search=_CIFAR_SEARCH, probe=_PROBE)
+_IMAGENET = dict(_CIFAR, name="imagenet", image_size=224, cifar_stem=False, epochs=100, lr=0.05, weight_decay=1e-4,
+                 search=replace(_CIFAR_SEARCH, lr=0.05, weight_decay=1e-4))
+
+_SIAMESE_LOSS = "0.5 (D(p1, z2) + D(p2, z1))"  # D = negative cosine, targets stop-gradient: the loss lies in [-1, 1]
+_MOCO_LOSS = "L12 + L21"  # InfoNCE of each view's query against the other view's key, summed (not averaged)
+_NT_XENT = "NT-Xent, mean over the 2B views"
+
+
+def _simsiam(base: dict) -> dict:
+    return dict(base, framework="simsiam", loss=_SIAMESE_LOSS, fix_predictor_lr=True,
+                search=replace(base["search"], fix_predictor_lr=True))
+
+
+def _simclr(base: dict, temperature: float, **changes) -> dict:
+    return dict(base, framework="simclr", loss=_NT_XENT, temperature=temperature, **changes)
+
+
+def _mocov2(base: dict, **changes) -> dict:
+    values = dict(base, framework="mocov2", loss=_MOCO_LOSS, key_momentum_schedule="constant", key_bn_splits=8,
+                  **changes)
+    # the search steps the weights as pretraining does, and the alphas with Adam(3e-4) as the authors' MoCo search
+    values["search"] = replace(values["search"], lr=values["lr"], batch_size=values["batch_size"],
+                               arch_optimizer="adam", arch_lr=3e-4)
+    return values
+
+
+def _byol(base: dict, **changes) -> dict:
+    return dict(base, framework="byol", loss=_SIAMESE_LOSS, key_momentum_schedule="cosine", **changes)
+
+
+RECIPE_TABLE: dict[str, dict[str, Recipe]] = {
+    name: {values["framework"]: Recipe(**values) for values in table}
+    for name, table in {
+        "cifar": [
+            _simsiam(_CIFAR),
+            _simclr(_CIFAR, temperature=0.5),
+            _mocov2(_CIFAR, lr=0.03, temperature=0.1, queue_size=4096, key_momentum=0.99),
+            _byol(_CIFAR, lr=0.12, key_momentum=0.99),
+        ],
+        "imagenet": [
+            _simsiam(_IMAGENET),
+            _simclr(_IMAGENET, temperature=0.1, warmup_epochs=10),
+            _mocov2(_IMAGENET, lr=0.03, batch_size=256, temperature=0.2, queue_size=65536, key_momentum=0.999),
+            _byol(_IMAGENET, key_momentum=0.996, warmup_epochs=10),
+        ],
+    }.items()
 }
+
+
+def resolve_recipe(recipe: str, framework: str) -> Recipe:
+    """The recipe ``recipe`` ("cifar" or "imagenet") for ``framework``; a ValueError names a bad value."""
+    if recipe not in RECIPE_TABLE:
+        raise ValueError(f"unknown recipe {recipe!r}; allowed recipes: {list(RECIPE_NAMES)}")
+    table = RECIPE_TABLE[recipe]
+    if framework not in table:
+        raise ValueError(f"unknown framework {framework!r} for recipe {recipe!r}; allowed frameworks: {list(table)}")
+    return table[framework]
+
+
+def recipe_for_policy(policy: str) -> str:
+    """The recipe a dataset's augmentation policy implies when ``--recipe`` is not given."""
+    return "imagenet" if policy == "imagenet" else "cifar"
+
+
+def _legacy_view(name: str) -> dict:
+    """The recipe ``name`` in the old nested-dict shape (pretraining optimizer values only)."""
+    def optimizer(recipe: Recipe) -> dict:
+        return {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr,
+                "weight_decay": recipe.weight_decay}
+    table = RECIPE_TABLE[name]
+    return {"pretrain": optimizer(table["simsiam"]), **{framework: optimizer(r) for framework, r in table.items()}}
+
+
+# Read by pretrain.apply_recipe and the --recipe choices until the engines call resolve_recipe; remove with them.
+RECIPES: dict[str, dict] = {name: _legacy_view(name) for name in RECIPE_NAMES}

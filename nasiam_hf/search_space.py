@@ -195,10 +195,26 @@ def build_op(name: str, d_in: int, d_out: int, output: bool = False) -> nn.Modul
     return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
 
 
+def is_parameter_free(name: str) -> bool:
+    """Whether op ``name`` has no weights of its own where the width is kept (identity, the pools)."""
+    return not OPS[check_op_name(name, where="is_parameter_free")].is_linear
+
+
+def _width_kept_ops(genotype: Sequence[str], widths: Sequence[int]) -> list[str]:
+    return [op for op, d_in, d_out in zip(genotype, widths[:-1], widths[1:]) if d_in == d_out]
+
+
 def identity_share(genotype: Sequence[str], widths: Sequence[int]) -> float:
     """Share of identity ops over the layers that keep their width (a width-changing identity is not a skip)."""
-    kept = [op for op, d_in, d_out in zip(genotype, widths[:-1], widths[1:]) if d_in == d_out]
+    kept = _width_kept_ops(genotype, widths)
     return sum(op == IDENTITY for op in kept) / len(kept) if kept else 0.0
+
+
+def parameter_free_share(genotype: Sequence[str], widths: Sequence[int]) -> float:
+    """Share of parameter-free ops (identity, pools) over the layers that keep their width: DARTS' collapse
+    measure. Where the width changes a parameter-free op carries a Linear adapter, so it is not counted."""
+    kept = _width_kept_ops(genotype, widths)
+    return sum(is_parameter_free(op) for op in kept) / len(kept) if kept else 0.0
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """kNN monitor, feature extraction and linear probe (nasiam_hf.evaluation), on tiny hand-built inputs."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,15 +12,20 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttenti
 
 from nasiam_hf import NASiamConfig, NASiamModel
 from nasiam_hf.evaluation import (
+    KNNNeighbourhoodWarning,
     LinearProbeConfig,
     evaluate_classifier,
     evaluate_knn,
     extract_features,
+    fit_probe_batch,
     knn_accuracy,
+    knn_neighbourhood,
     knn_predict,
+    loader_global_batch,
     train_linear_probe,
     train_linear_probe_on_images,
 )
+from nasiam_hf.trainer import cosine_factor
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +115,29 @@ def test_knn_k_capped_at_memory_size():
     torch.testing.assert_close(scores, expected)
 
 
+def test_knn_neighbourhood_rule():
+    labels = torch.arange(5000) % 10  # 500 per class
+    assert knn_neighbourhood(200, labels) == (200, None)
+    used, note = knn_neighbourhood(200, labels[:1000])  # 100 per class
+    assert used == 200 and "above the average class size of the memory (100.0 images: 1000 over 10 classes)" in note
+    assert "k <= 100" in note
+    used, note = knn_neighbourhood(200, labels[:64])
+    assert used == 64 and "k=200 is more than the 64 memory images: the vote uses k=64" in note
+
+
+def test_a_tiny_memory_gives_every_query_the_majority_class_and_says_so():
+    memory = torch.randn(12, 4)
+    labels = torch.tensor([0] * 7 + [1] * 3 + [2] * 2)
+    queries, query_labels = torch.randn(30, 4), torch.arange(30) % 3
+    with pytest.warns(KNNNeighbourhoodWarning, match="the vote uses k=12"):
+        result = knn_accuracy(memory, labels, queries, query_labels, num_classes=3, k=200, temperature=100.0)
+    assert result["k"] == 12
+    assert result["top1"] == pytest.approx(100.0 / 3)  # every query voted class 0: exactly the queries of class 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        knn_accuracy(memory, labels, queries, query_labels, num_classes=3, k=2, warn=True)  # 2 <= 4 per class
+
+
 def test_knn_chunked_equals_unchunked():
     memory, labels = torch.randn(50, 16), torch.randint(0, 7, (50,))
     queries = torch.randn(23, 16)
@@ -122,14 +151,14 @@ def test_knn_accuracy_top5_only_with_five_classes():
     memory, labels = gaussian_clusters(6, 10, 8, spread=0.1, seed=1)
     queries, query_labels = gaussian_clusters(6, 3, 8, spread=0.1, seed=1, noise_seed=100)
     result = knn_accuracy(memory, labels, queries, query_labels, num_classes=6, k=5)
-    assert set(result) == {"top1", "top5"}
+    assert set(result) == {"top1", "top5", "k"} and result["k"] == 5
     assert result["top1"] == pytest.approx(100.0) and result["top5"] == pytest.approx(100.0)
     wrong = knn_accuracy(memory, labels, queries, (query_labels + 1) % 6, num_classes=6, k=5)
     assert wrong["top1"] == pytest.approx(0.0)
 
     keep = labels < 3
     few = knn_accuracy(memory[keep], labels[keep], queries[query_labels < 3], query_labels[query_labels < 3], 3, k=5)
-    assert set(few) == {"top1"}
+    assert set(few) == {"top1", "k"}
 
 
 # ----------------------------------------------------------------------------------------------- feature extraction
@@ -232,6 +261,33 @@ def test_linear_probe_config_validation():
     assert LinearProbeConfig(lr=0.5).effective_lr == 0.5
 
 
+def test_cached_probe_uses_a_labelled_set_smaller_than_its_batch(capsys):
+    features, labels = gaussian_clusters(4, 10, 8, spread=0.3, seed=2)  # 40 samples, batch 256
+    config = LinearProbeConfig(epochs=3, batch_size=256)
+    _, history = train_linear_probe(features, labels, 4, config)
+    assert history[0]["lr"] == pytest.approx(0.03 * 40 / 256)  # one step per epoch over the 40 samples used
+    assert "linear probe" in capsys.readouterr().err  # the epoch progress bar
+
+
+def test_fit_probe_batch_for_few_labels():
+    assert fit_probe_batch(200, 256) == 200
+    assert fit_probe_batch(200, 256, num_processes=2) == 100
+    assert fit_probe_batch(5000, 256, num_processes=4) == 256
+    for n, processes in ((1, 1), (3, 2)):
+        with pytest.raises(ValueError, match=f"at least 2 labelled images per process; got {n} images"):
+            fit_probe_batch(n, 256, processes)
+
+
+def test_loader_global_batch_counts_every_process():
+    from accelerate.data_loader import prepare_data_loader
+
+    plain = DataLoader(ClassMeanImages(32, 0), batch_size=8)
+    assert loader_global_batch(plain, num_processes=3, default=99) == 24
+    sharded = prepare_data_loader(DataLoader(ClassMeanImages(32, 0), batch_size=8), num_processes=2,
+                                  process_index=0, put_on_device=False)
+    assert loader_global_batch(sharded, num_processes=1, default=99) == 16
+
+
 class ClassMeanImages(Dataset):
     """Image of class c: noise around a per-class colour, so the per-channel mean separates the classes."""
 
@@ -267,6 +323,35 @@ def test_linear_probe_on_images_trains_only_the_classifier(accelerator):
     assert classifier[1].weight.shape == (3, 8)
 
 
+def tiny_encoder():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def test_image_probe_uses_200_labels_with_a_batch_of_256(accelerator):
+    images = ClassMeanImages(200, 3)
+    config = LinearProbeConfig(epochs=2, batch_size=256)
+    full_batch = DataLoader(images, batch_size=config.batch_size, shuffle=True, drop_last=True)
+    with pytest.raises(ValueError, match="yields no batches.*fit_probe_batch"):
+        train_linear_probe_on_images(tiny_encoder(), full_batch, 3, config, accelerator)
+    batch = fit_probe_batch(len(images), config.batch_size, accelerator.num_processes)
+    loader = accelerator.prepare(DataLoader(images, batch_size=batch, shuffle=True, drop_last=True))
+    _, history = train_linear_probe_on_images(tiny_encoder(), loader, 3, config, accelerator)
+    assert len(history) == 2
+    assert history[0]["lr"] == pytest.approx(0.03 * 200 / 256)  # the rate of the 200 images actually used
+
+
+def test_image_probe_lr_follows_the_global_batch(accelerator):
+    from accelerate.data_loader import prepare_data_loader
+
+    # this process's shard of a 2-process loader: 8 images per process, 16 per step in all
+    loader = prepare_data_loader(DataLoader(ClassMeanImages(64, 0), batch_size=8), num_processes=2,
+                                 process_index=0, put_on_device=False)
+    _, history = train_linear_probe_on_images(tiny_encoder(), loader, 3, LinearProbeConfig(epochs=1, batch_size=8),
+                                              accelerator)
+    steps = len(loader)
+    assert history[0]["lr"] == pytest.approx(0.03 * 16 / 256 * cosine_factor(steps - 1, 0, steps))
+
+
 # ------------------------------------------------------------------------------------------------------ end to end
 
 
@@ -280,9 +365,11 @@ def test_evaluate_knn_end_to_end_with_nasiam_model(accelerator):
                 for i in range(lo, hi, 4)]
 
     memory_loader, query_loader = batches(0, 14), batches(14, 20)  # both end with a partial batch
-    result = evaluate_knn(model, memory_loader, query_loader, accelerator, num_classes=5, k=200, temperature=0.2)
-    assert set(result) == {"top1", "top5"}
-    assert all(0.0 <= v <= 100.0 for v in result.values())
+    with pytest.warns(KNNNeighbourhoodWarning, match="more than the 14 memory images: the vote uses k=14"):
+        result = evaluate_knn(model, memory_loader, query_loader, accelerator, num_classes=5, k=200,
+                              temperature=0.2)
+    assert set(result) == {"top1", "top5", "k"} and result["k"] == 14
+    assert 0.0 <= result["top1"] <= 100.0
     assert result["top5"] == pytest.approx(100.0)  # 5 classes: every label is in the top 5
 
     # the backbone alone (a plain tensor output) gives the same features as the model's pooler_output
@@ -290,5 +377,5 @@ def test_evaluate_knn_end_to_end_with_nasiam_model(accelerator):
     query, query_labels = extract_features(model.backbone, query_loader, accelerator, normalize=True)
     assert memory.shape == (14, 512) and query.shape == (6, 512)
     assert memory_labels.tolist() == labels[:14].tolist()
-    expected = knn_accuracy(memory, memory_labels, query, query_labels, num_classes=5)
+    expected = knn_accuracy(memory, memory_labels, query, query_labels, num_classes=5, warn=False)
     assert result == pytest.approx(expected)

@@ -78,3 +78,15 @@ def test_baselines_are_the_standard_heads():
     assert not any(isinstance(m, (nn.ReLU, nn.BatchNorm1d)) for m in head.layers[-1].modules())
     byol = NASiamConfig.from_preset("byol-baseline", backbone="resnet50")
     assert byol.head_spec("projector").widths == (2048, 4096) and byol.head_spec("predictor").widths == (256, 4096, 256)
+
+
+def test_search_cell_weights_can_be_given_instead_of_the_alphas():
+    cell = SearchCell(SEARCH_SPACES["S"], HeadSpec(widths=(12, 12, 12))).eval()
+    x = torch.randn(6, 12)
+    with torch.no_grad():
+        cell.alphas.copy_(torch.randn_like(cell.alphas))
+    assert torch.equal(cell(x, cell.op_weights()), cell(x))
+    one_hot = torch.zeros_like(cell.alphas)
+    one_hot[0, 3] = one_hot[1, 2] = 1.0  # linear_relu, then identity
+    expected = cell.layers[1].ops[2](cell.layers[0].ops[3](x))
+    assert torch.allclose(cell(x, one_hot), expected, atol=1e-6)

@@ -1,0 +1,183 @@
+"""docs/recipes.md and resolve_recipe agree for every (framework, recipe) pair, and each recipe's loss form is the one
+the objectives compute."""
+
+import math
+import re
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import REPO_ROOT
+from nasiam_hf.objectives import FRAMEWORKS, siamese_loss
+from nasiam_hf.presets import RECIPE_NAMES, RECIPES, Recipe, recipe_for_policy, resolve_recipe
+
+DOC = REPO_ROOT / "docs" / "recipes.md"
+
+# row of the doc's tables -> the Recipe value it states
+ROWS = {
+    "image size": lambda r: r.image_size,
+    "CIFAR stem": lambda r: r.cifar_stem,
+    "epochs": lambda r: r.epochs,
+    "batch (global)": lambda r: r.batch_size,
+    "lr per 256 images": lambda r: r.lr,
+    "weight decay": lambda r: r.weight_decay,
+    "SGD momentum": lambda r: r.momentum,
+    "warmup epochs": lambda r: r.warmup_epochs,
+    "temperature": lambda r: r.temperature,
+    "queue": lambda r: r.queue_size,
+    "key momentum / EMA base": lambda r: r.key_momentum,
+    "key momentum schedule": lambda r: r.key_momentum_schedule,
+    "loss": lambda r: r.loss,
+    "key BatchNorm groups": lambda r: r.key_bn_splits,
+    "zero-init residual BN": lambda r: r.zero_init_residual,
+    "fixed predictor lr": lambda r: r.fix_predictor_lr,
+    "search epochs": lambda r: r.search.epochs,
+    "search batch": lambda r: r.search.batch_size,
+    "search lr per 256 images": lambda r: r.search.lr,
+    "search weight decay": lambda r: r.search.weight_decay,
+    "search fixed predictor lr": lambda r: r.search.fix_predictor_lr,
+    "alpha optimizer": lambda r: r.search.arch_optimizer,
+    "alpha lr": lambda r: r.search.arch_lr,
+    "alpha weight decay": lambda r: r.search.arch_weight_decay,
+    "train portion": lambda r: r.search.train_portion,
+    "probe epochs": lambda r: r.probe.epochs,
+    "probe batch": lambda r: r.probe.batch_size,
+    "probe lr per 256 images": lambda r: r.probe.base_lr,
+    "probe weight decay": lambda r: r.probe.weight_decay,
+    "probe features": lambda r: r.probe.feature_norm,
+}
+# values the tables do not repeat: the doc states them once, under "Unchanged across all tables"
+CONSTANT = {"name": None, "framework": None, "lr_scaling": "linear", "search.momentum": 0.9,
+            "search.arch_betas": (0.9, 0.999), "probe.momentum": 0.9}
+
+
+def parse_cell(text: str):
+    text = text.strip()
+    if text == "–":
+        return None
+    if text in ("yes", "no"):
+        return text == "yes"
+    if text.startswith("`") and text.endswith("`"):
+        return text[1:-1]
+    return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
+
+
+def doc_tables() -> dict[tuple[str, str], dict[str, object]]:
+    tables, current = {}, None
+    for line in DOC.read_text().splitlines():
+        heading = re.fullmatch(r"### (\w+) / (\w+)", line.strip())
+        if heading:
+            current = tables.setdefault((heading.group(2), heading.group(1)), {})
+        elif current is not None and line.startswith("| ") and not line.startswith(("| setting", "|---")):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            assert len(cells) == 5, line
+            current[cells[0]] = parse_cell(cells[3])
+    return tables
+
+
+def same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-12)
+    return a == b
+
+
+def test_the_doc_has_one_table_per_framework_and_recipe():
+    assert set(doc_tables()) == {(r, f) for r in RECIPE_NAMES for f in FRAMEWORKS}
+
+
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_resolve_recipe_matches_the_doc(recipe, framework):
+    table = doc_tables()[(recipe, framework)]
+    assert set(table) == set(ROWS)
+    resolved = resolve_recipe(recipe, framework)
+    wrong = {row: (table[row], get(resolved)) for row, get in ROWS.items() if not same(table[row], get(resolved))}
+    assert not wrong, f"docs/recipes.md (doc, code) disagree for {framework} / {recipe}: {wrong}"
+
+
+def test_every_recipe_field_is_in_the_tables_or_stated_once():
+    recipe = resolve_recipe("cifar", "simsiam")
+    fields = {f for f in Recipe.__dataclass_fields__ if f not in ("search", "probe")}
+    fields |= {f"search.{f}" for f in type(recipe.search).__dataclass_fields__}
+    fields |= {f"probe.{f}" for f in type(recipe.probe).__dataclass_fields__}
+    shown = {"image_size", "cifar_stem", "epochs", "batch_size", "lr", "weight_decay", "momentum", "warmup_epochs",
+             "temperature", "queue_size", "key_momentum", "key_momentum_schedule", "loss", "key_bn_splits",
+             "zero_init_residual", "fix_predictor_lr", "search.epochs", "search.batch_size", "search.lr",
+             "search.weight_decay", "search.fix_predictor_lr", "search.arch_optimizer", "search.arch_lr",
+             "search.arch_weight_decay", "search.train_portion", "probe.epochs", "probe.batch_size",
+             "probe.base_lr", "probe.weight_decay", "probe.feature_norm"}
+    assert len(shown) == len(ROWS) and fields == shown | set(CONSTANT)
+    for r in (resolve_recipe(name, framework) for name in RECIPE_NAMES for framework in FRAMEWORKS):
+        for key, value in CONSTANT.items():
+            if value is not None:
+                obj, _, attr = key.rpartition(".")
+                assert getattr(getattr(r, obj) if obj else r, attr) == value, key
+    assert "SGD momentum 0.9 and the alpha optimizers' betas (0.9, 0.999)" in DOC.read_text()
+
+
+def tensors(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def negative_cosine(p, z):
+    return -F.cosine_similarity(p, z, dim=-1).mean()
+
+
+def info_nce(q, k, queue, t):
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / t
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+
+
+def nt_xent(z1, z2, t):
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = z @ z.T / t
+    logits.fill_diagonal_(float("-inf"))
+    b = z1.shape[0]
+    return F.cross_entropy(logits, torch.cat([torch.arange(b) + b, torch.arange(b)]))
+
+
+# each recipe's loss, written out from its formula
+LOSS_FORMS = {
+    "0.5 (D(p1, z2) + D(p2, z1))": lambda z1, z2, p1, p2, t1, t2, queue, t: (
+        0.5 * (negative_cosine(p1, t2) + negative_cosine(p2, t1))),  # z = the target branch (t for BYOL)
+    "L12 + L21": lambda z1, z2, p1, p2, t1, t2, queue, t: info_nce(z1, t2, queue, t) + info_nce(z2, t1, queue, t),
+    "NT-Xent, mean over the 2B views": lambda z1, z2, p1, p2, t1, t2, queue, t: nt_xent(z1, z2, t),
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_the_recipe_loss_is_what_the_objective_computes(recipe, framework):
+    r = resolve_recipe(recipe, framework)
+    z1, z2, p1, p2, t1, t2 = tensors(6)
+    queue = F.normalize(tensors(1, seed=1)[0], dim=1)
+    if framework == "simsiam":
+        t1, t2 = z1, z2  # SimSiam's targets are the other view's projections
+    expected = LOSS_FORMS[r.loss](z1, z2, p1, p2, t1, t2, queue, r.temperature)
+    got = siamese_loss(framework, z1, z2, p1=p1, p2=p2, t1=t1, t2=t2, queue=queue, temperature=r.temperature)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-12)
+
+
+def test_resolve_recipe_rejects_unknown_names_and_scales_lr():
+    with pytest.raises(ValueError, match="unknown recipe 'cifar100'; allowed recipes: \\['cifar', 'imagenet'\\]"):
+        resolve_recipe("cifar100", "simsiam")
+    with pytest.raises(ValueError, match="unknown framework 'dino' for recipe 'cifar'"):
+        resolve_recipe("cifar", "dino")
+    moco = resolve_recipe("cifar", "mocov2")
+    assert moco.scaled_lr(512) == pytest.approx(0.06)  # the MoCo demo's rate at batch 512
+    assert moco.method_values() == {"temperature": 0.1, "queue_size": 4096, "momentum": 0.99}
+    assert resolve_recipe("imagenet", "mocov2").method_values() == {"temperature": 0.2, "queue_size": 65536,
+                                                                    "momentum": 0.999}
+    assert resolve_recipe("cifar", "simsiam").method_values() == {}
+    assert recipe_for_policy("imagenet") == "imagenet" and recipe_for_policy("cifar") == "cifar"
+
+
+def test_the_legacy_view_is_derived_from_the_table():
+    for name in RECIPE_NAMES:
+        for framework in FRAMEWORKS:
+            r = resolve_recipe(name, framework)
+            assert RECIPES[name][framework] == {"epochs": r.epochs, "batch_size": r.batch_size, "lr": r.lr,
+                                                "weight_decay": r.weight_decay}
