@@ -30,12 +30,13 @@ def random_init_knn(genotype: str, train_file: Path, test_file: Path, seed: int)
 
     from nasiam_hf.data import load_image_splits, make_loader, view_dataset_for
     from nasiam_hf.evaluation import evaluate_knn
+    from nasiam_hf.configuration_nasiam import NASiamConfig
     from nasiam_hf.modeling_nasiam import NASiamForPreTraining
-    from nasiam_hf.pretrain import resolve_model_config
+    from nasiam_hf.plans import genotype_values
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     splits = load_image_splits(train_file=str(train_file), validation_file=str(test_file), seed=seed)
-    config = resolve_model_config(genotype, image_size=splits.image_size, cifar_stem=True)
+    config = NASiamConfig(**{**genotype_values(genotype), "image_size": splits.image_size, "cifar_stem": True})
     set_seed(seed)  # as make_accelerator does before the pretraining builds its model
     model = NASiamForPreTraining(config).to(accelerator.device)
     memory = make_loader(view_dataset_for(splits, "train", "eval"), 256, shuffle=False)

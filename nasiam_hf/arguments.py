@@ -218,17 +218,19 @@ class SearchArguments:
         "S", "'S' (7 ops), 'S_no_pool' (the paper's S'), or a comma list of spaces/ops, e.g. 'S,linear_mish'.")
     projector_layers: int | None = flag(None, "Searched projector layers (default 6; MoCo v2: 4).")
     predictor_layers: int | None = flag(None, "Searched predictor layers (default 4; SimSiam and BYOL only).")
-    train_portion: float = flag(0.5, "Share of the training data for the weight steps; the rest drives the alphas.")
+    train_portion: float | None = flag(
+        None, "Share of the training data for the weight steps; the rest drives the alphas (default: recipe, 0.5).")
     arch_learning_rate: float | None = flag(
-        None, "Alpha learning rate (default: AdamW 1e-3, Adam 3e-4 for MoCo v2, as in the paper's code).")
-    arch_weight_decay: float = flag(1e-3, "Weight decay of the alpha optimiser.")
+        None, "Alpha learning rate (default: recipe; AdamW 1e-3, Adam 3e-4 for MoCo v2, as in the paper's code).")
+    arch_weight_decay: float | None = flag(None, "Weight decay of the alpha optimiser (default: recipe, 1e-3).")
     search_method: SEARCH_METHODS = flag(
         "darts", "'darts' (the paper: first-order DARTS), 'darts-minus' (an auxiliary skip whose weight decays "
                  "from --aux_skip_weight to 0), 'beta-darts' (the logsumexp regulariser on the alphas).")
     aux_skip_weight: float | None = flag(
         None, "DARTS- only: initial weight of the auxiliary skip connection (default 1).")
     beta_darts_weight: float | None = flag(
-        None, "beta-DARTS only: final weight of the regulariser, reached along a linear rise over the search.")
+        None, "beta-DARTS only: final weight of the regulariser, reached along a linear rise from 0 over the search "
+              "(default 50, as in the beta-DARTS code).")
     discretization: DISCRETIZATIONS = flag(
         "argmax", "How the genotype is read off the supernet: 'argmax' of the alphas (the paper), or "
                   "'perturbation' (DARTS-PT: per layer, the op whose removal hurts the validation loss most).")
@@ -238,23 +240,25 @@ class SearchArguments:
         1, "Epochs between measurements of the largest eigenvalue of the alpha Hessian (0: off).", resume="free")
 
     def __post_init__(self):
-        if not 0.0 < self.train_portion < 1.0:
+        if self.train_portion is not None and not 0.0 < self.train_portion < 1.0:
             raise ValueError(f"--train_portion must be strictly between 0 and 1, got {self.train_portion}")
         for name in ("projector_layers", "predictor_layers"):
             _positive(name, getattr(self, name))
         _positive("arch_learning_rate", self.arch_learning_rate, 0, strict=True)
         _positive("arch_weight_decay", self.arch_weight_decay, 0)
-        _positive("aux_skip_weight", self.aux_skip_weight, 0)
-        _positive("beta_darts_weight", self.beta_darts_weight, 0)
-        for name, method in (("aux_skip_weight", "darts-minus"), ("beta_darts_weight", "beta-darts")):
-            if getattr(self, name) is not None and self.search_method != method:
-                raise ValueError(f"--{name} applies to --search_method {method} only, "
-                                 f"not to {self.search_method!r}")
-        _positive("max_parameter_free_layers", self.max_parameter_free_layers, 0)
-        _positive("hessian_every", self.hessian_every, 0)
         from .search_space import resolve_search_space
 
         resolve_search_space(self.search_space)
+        self.variant()  # its own checks: which method each flag applies to, ranges
+
+    def variant(self):
+        """The search variant these flags choose (:class:`nasiam_hf.search_methods.SearchVariant`)."""
+        from .search_methods import SearchVariant
+
+        return SearchVariant(search_method=self.search_method, aux_skip_weight=self.aux_skip_weight,
+                             beta_darts_weight=self.beta_darts_weight, discretization=self.discretization,
+                             max_parameter_free_layers=self.max_parameter_free_layers,
+                             hessian_every=self.hessian_every)
 
 
 @dataclass(frozen=True)
@@ -316,7 +320,9 @@ class OptimizationArguments:
 
     _argument_group_name: ClassVar[str] = "optimisation"
 
-    per_device_train_batch_size: int | None = flag(None, "Training batch per device (default: recipe, 512).")
+    per_device_train_batch_size: int | None = flag(
+        None, "Training batch per device (default: the recipe's global batch, 512, divided over the processes and "
+              "the accumulation steps).")
     per_device_eval_batch_size: int = flag(256, "Batch per device for feature extraction and evaluation.",
                                            resume="free")
     gradient_accumulation_steps: int = flag(
@@ -330,7 +336,8 @@ class OptimizationArguments:
     learning_rate: float | None = flag(
         None, "Base learning rate for a global batch of 256; the effective rate scales linearly (default: recipe).")
     weight_decay: float | None = flag(None, "Weight decay (default: recipe).")
-    num_warmup_epochs: float = flag(0.0, "Linear warm-up before the cosine schedule, in epochs.")
+    num_warmup_epochs: float | None = flag(
+        None, "Linear warm-up before the cosine schedule, in epochs (default: recipe).")
     max_grad_norm: float | None = flag(None, "Clip the gradient norm of each update to this value (default: off).")
 
     def __post_init__(self):
@@ -365,16 +372,19 @@ class ProbeArguments:
 
     _argument_group_name: ClassVar[str] = "linear probe"
 
-    num_train_epochs: int | None = flag(None, "Probe epochs (default: recipe, 100 on CIFAR, 90 on ImageNet).")
-    per_device_train_batch_size: int = flag(
-        256, "Probe batch per device (a smaller labelled set is used whole).")
+    num_train_epochs: int | None = flag(None, "Probe epochs (default: recipe, 100).")
+    per_device_train_batch_size: int | None = flag(
+        None, "Probe batch per device (default: recipe, 256; a smaller labelled set is used whole).")
     per_device_eval_batch_size: int = flag(256, "Batch per device for feature extraction.")
     learning_rate: float | None = flag(
-        None, "Probe lr (default: 0.03 x global batch / 256 on batch-normalised features; 30 with "
+        None, "Probe lr (default: the recipe's 0.03 x global batch / 256 on batch-normalised features; 30 with "
               "--feature_norm none).")
-    weight_decay: float = flag(0.0, "Probe weight decay.")
-    feature_norm: FEATURE_NORMS = flag(
-        "batchnorm", "'batchnorm': a non-affine BatchNorm in front of the classifier; 'none': raw features.")
+    recipe: RECIPE_CHOICES | None = flag(
+        None, "Probe recipe (see docs/recipes.md); default: from the data's policy (cifar or imagenet).")
+    weight_decay: float | None = flag(None, "Probe weight decay (default: recipe, 0).")
+    feature_norm: FEATURE_NORMS | None = flag(
+        None, "'batchnorm': a non-affine BatchNorm in front of the classifier; 'none': raw features (default: "
+              "recipe, batchnorm).")
 
     def __post_init__(self):
         for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size"):

@@ -51,8 +51,8 @@ def run_linear_eval(command: LinearEvalCommand) -> dict:
     from .data import make_loader, view_dataset_for
     from .data_loading import load_splits
     from .evaluation import (
-        LinearProbeConfig, evaluate_classifier, extract_features, knn_accuracy, train_linear_probe,
-        train_linear_probe_on_images,
+        LinearProbeConfig, evaluate_classifier, extract_features, fit_probe_batch, knn_accuracy, knn_neighbourhood,
+        train_linear_probe, train_linear_probe_on_images,
     )
     from .plans import plan_linear_eval
     from .trainer import make_accelerator
@@ -75,15 +75,20 @@ def run_linear_eval(command: LinearEvalCommand) -> dict:
         raise ValueError(
             f"{splits.name!r} has no evaluation split: pass --validation_file or --validation_dir (or --eval_split)"
         )
-    plan = plan_linear_eval(command, splits.policy)
+    plan = plan_linear_eval(command, splits.policy, model.config.framework)
     encoder = model.backbone.eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
     encoder = encoder.to(accelerator.device)
     if command.precision.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
-    probe = LinearProbeConfig(epochs=plan.epochs, batch_size=plan.per_device_batch, lr=plan.lr,
-                              weight_decay=plan.weight_decay, feature_norm=probe_args.feature_norm, seed=run.seed)
+    # a labelled set smaller than the batch is used whole (few-label evaluation)
+    batch = fit_probe_batch(len(splits.train), plan.per_device_batch,
+                            1 if data.no_augmentation else accelerator.num_processes)
+    probe = LinearProbeConfig(epochs=plan.epochs, batch_size=batch, lr=plan.lr, momentum=plan.momentum,
+                              weight_decay=plan.weight_decay, feature_norm=plan.feature_norm, seed=run.seed)
+    # cached features: every process trains the same probe on all of them; images: each process its shard
+    global_batch = batch if data.no_augmentation else batch * accelerator.num_processes
     workers, eval_batch = data.dataloader_num_workers, probe_args.per_device_eval_batch_size
     plain_train, plain_eval = accelerator.prepare(
         make_loader(view_dataset_for(splits, "train", "eval"), eval_batch, shuffle=False, num_workers=workers),
@@ -91,31 +96,36 @@ def run_linear_eval(command: LinearEvalCommand) -> dict:
     )
     train_features, train_labels = extract_features(encoder, plain_train, accelerator, desc="train features")
     eval_features, eval_labels = extract_features(encoder, plain_eval, accelerator, desc="eval features")
+    lr = probe.lr_for(global_batch)
     accelerator.print(
-        f"linear probe: {probe.epochs} epochs, batch {probe.batch_size}, lr {probe.effective_lr:.4g}, "
-        f"features {probe_args.feature_norm}, " + ("cached features (no augmentation)" if data.no_augmentation
-                                                   else "light augmentation (features recomputed every epoch)")
+        f"linear probe: {probe.epochs} epochs, global batch {global_batch}, lr {lr:.4g}, features "
+        f"{probe.feature_norm}, recipe {plan.recipe}, " + (
+            "cached features (no augmentation)" if data.no_augmentation
+            else "light augmentation (features recomputed every epoch)")
     )
     if data.no_augmentation:
         classifier, history = train_linear_probe(train_features, train_labels, splits.num_labels, probe,
                                                  eval_features, eval_labels, accelerator)
     else:
         train_loader = accelerator.prepare(make_loader(
-            view_dataset_for(splits, "train", "light", seed=run.seed), plan.per_device_batch,
+            view_dataset_for(splits, "train", "light", seed=run.seed), batch,
             shuffle=True, seed=run.seed, drop_last=True, num_workers=workers,
         ))
         classifier, history = train_linear_probe_on_images(encoder, train_loader, splits.num_labels, probe,
                                                             accelerator, eval_loader=None)
     linear = evaluate_classifier(classifier, eval_features.to(accelerator.device), eval_labels.to(accelerator.device))
     knn = knn_accuracy(train_features, train_labels, eval_features, eval_labels, splits.num_labels,
-                       k=knn_args.knn_k, temperature=knn_args.knn_temperature)
+                       k=knn_args.knn_k, temperature=knn_args.knn_temperature, warn=False)
+    note = knn_neighbourhood(knn_args.knn_k, train_labels)[1]
+    if note is not None:
+        accelerator.print(f"warning: {note}")
     split = data.eval_split or ("validation" if (data.validation_file or data.validation_dir) else "test")
     results = {
         "linear_probe": {**linear, "dataset_name": splits.name, "split": split, "epochs": probe.epochs,
-                         "lr": probe.effective_lr, "feature_norm": probe_args.feature_norm,
-                         "augmentation": not data.no_augmentation},
-        "knn": {**knn, "k": knn_args.knn_k, "temperature": knn_args.knn_temperature, "dataset_name": splits.name,
-                "split": split},
+                         "lr": lr, "global_batch": global_batch, "feature_norm": probe.feature_norm,
+                         "augmentation": not data.no_augmentation, "recipe": plan.recipe},
+        "knn": {**knn, "k_requested": knn_args.knn_k, "temperature": knn_args.knn_temperature,
+                "dataset_name": splits.name, "split": split},
     }
     accelerator.print(
         f"linear probe top-1 {linear['top1']:.2f}%" + (f", top-5 {linear['top5']:.2f}%" if "top5" in linear else "")

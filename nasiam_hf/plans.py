@@ -19,7 +19,8 @@ from .arguments import (
 )
 from .configuration_nasiam import FRAMEWORK_DEFAULTS, NASiamConfig, check_preset
 from .optimization import scaled_lr
-from .presets import PRESETS, RECIPES
+from .presets import PRESETS, recipe_for_policy, resolve_recipe
+from .search_methods import SearchVariant
 
 # Which frameworks each framework-specific flag applies to (the others would silently ignore it).
 FLAG_FRAMEWORKS = {
@@ -46,25 +47,7 @@ def check_objective_flags(objective: ObjectiveArguments, framework: str, **other
 
 def recipe_name(requested: str | None, policy: str) -> str:
     """``--recipe``, else the recipe of the data's policy."""
-    return requested or ("imagenet" if policy == "imagenet" else "cifar")
-
-
-def recipe_block(name: str, stage: str, framework: str) -> dict[str, Any]:
-    """The ``stage`` ("search", "pretrain", "linear_eval") values of a recipe with its framework's overrides."""
-    recipe = RECIPES[name]
-    values = dict(recipe[stage])
-    framework_values = recipe.get(framework, {})
-    if stage != "linear_eval":
-        values.update({k: v for k, v in framework_values.items() if k in ("lr", "epochs", "batch_size",
-                                                                          "weight_decay")})
-    return values
-
-
-def objective_constants(name: str, framework: str) -> dict[str, Any]:
-    """temperature / queue_size / momentum of the recipe for ``framework`` (those the framework uses)."""
-    framework_values = RECIPES[name].get(framework, {})
-    return {k: v for k, v in framework_values.items()
-            if k in ObjectiveArguments.__dataclass_fields__ and framework in FLAG_FRAMEWORKS[k]}
+    return requested or recipe_for_policy(policy)
 
 
 @dataclass(frozen=True)
@@ -83,6 +66,7 @@ class OptimizationPlan:
     max_train_steps: int | None
     warmup_epochs: float
     max_grad_norm: float | None
+    momentum: float = 0.9
 
     def describe(self) -> str:
         batch = f"global batch {self.global_batch}"
@@ -101,19 +85,23 @@ class OptimizationPlan:
         return self.epochs * steps_per_epoch
 
 
-def optimization_plan(opt: OptimizationArguments, num_processes: int, recipe: str | None,
-                      defaults: dict[str, Any]) -> OptimizationPlan:
-    """Flags over ``defaults`` (recipe values: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``)."""
-    batch = opt.per_device_train_batch_size or defaults["batch_size"]
-    base_lr = opt.learning_rate if opt.learning_rate is not None else defaults["lr"]
-    global_batch = batch * num_processes * opt.gradient_accumulation_steps
+def optimization_plan(opt: OptimizationArguments, num_processes: int, recipe: str | None, *, batch_size: int,
+                      lr: float, weight_decay: float, epochs: int | None, warmup_epochs: float = 0.0,
+                      momentum: float = 0.9) -> OptimizationPlan:
+    """Flags over the recipe's values. The recipe's ``batch_size`` is global: without
+    ``--per_device_train_batch_size`` it is divided over the processes and the accumulation steps."""
+    accumulation = opt.gradient_accumulation_steps
+    batch = opt.per_device_train_batch_size or max(1, batch_size // (num_processes * accumulation))
+    base_lr = opt.learning_rate if opt.learning_rate is not None else lr
+    global_batch = batch * num_processes * accumulation
     return OptimizationPlan(
-        recipe=recipe, per_device_batch=batch, num_processes=num_processes,
-        accumulation=opt.gradient_accumulation_steps, global_batch=global_batch, base_lr=base_lr,
-        lr=scaled_lr(base_lr, global_batch),
-        weight_decay=opt.weight_decay if opt.weight_decay is not None else defaults["weight_decay"],
-        epochs=opt.num_train_epochs if opt.num_train_epochs is not None else defaults.get("epochs"),
-        max_train_steps=opt.max_train_steps, warmup_epochs=opt.num_warmup_epochs, max_grad_norm=opt.max_grad_norm,
+        recipe=recipe, per_device_batch=batch, num_processes=num_processes, accumulation=accumulation,
+        global_batch=global_batch, base_lr=base_lr, lr=scaled_lr(base_lr, global_batch),
+        weight_decay=opt.weight_decay if opt.weight_decay is not None else weight_decay,
+        epochs=opt.num_train_epochs if opt.num_train_epochs is not None else epochs,
+        max_train_steps=opt.max_train_steps,
+        warmup_epochs=opt.num_warmup_epochs if opt.num_warmup_epochs is not None else warmup_epochs,
+        max_grad_norm=opt.max_grad_norm, momentum=momentum,
     )
 
 
@@ -124,19 +112,15 @@ class SearchPlan:
     config: dict[str, Any]
     optimization: OptimizationPlan
     fix_predictor_lr: bool
+    train_portion: float
     arch_optimizer: str
     arch_lr: float
+    arch_betas: tuple[float, float]
     arch_weight_decay: float
-    aux_skip_weight: float | None
-    beta_darts_weight: float | None
+    variant: SearchVariant
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# Architecture optimisers of the paper's code: AdamW(1e-3) in general, Adam(3e-4) for MoCo v2; weight decay 1e-3.
-ARCH_OPTIMIZERS = {"mocov2": ("adam", 3e-4)}
-DEFAULT_ARCH_OPTIMIZER = ("adamw", 1e-3)
 
 
 def check_search_flags(command: SearchCommand) -> None:
@@ -150,6 +134,8 @@ def plan_search(command: SearchCommand, policy: str, image_size: int, num_proces
     """The search of ``command`` on data of ``policy`` at ``image_size``, on ``num_processes`` processes."""
     s = command.search
     name = recipe_name(s.recipe, policy)
+    recipe = resolve_recipe(name, s.framework)
+    block = recipe.search
     config = dict(framework=s.framework, backbone=command.model.backbone, image_size=image_size,
                   cifar_stem=policy == "cifar", search_space=s.search_space)
     config.update(backbone_values or {})
@@ -157,21 +143,20 @@ def plan_search(command: SearchCommand, policy: str, image_size: int, num_proces
         config["projector_layers"] = s.projector_layers
     if FRAMEWORK_DEFAULTS[s.framework]["predictor_layers"] and s.predictor_layers is not None:
         config["predictor_layers"] = s.predictor_layers
-    config.update({**objective_constants(name, s.framework), **command.objective.given()})
+    config.update({**recipe.method_values(), **command.objective.given()})
     NASiamConfig(**config)  # validates the combination before anything is built
-    arch_name, arch_lr = ARCH_OPTIMIZERS.get(s.framework, DEFAULT_ARCH_OPTIMIZER)
     return SearchPlan(
         config=config,
-        optimization=optimization_plan(command.optimization, num_processes, name, recipe_block(name, "search",
-                                                                                                s.framework)),
-        fix_predictor_lr=s.framework == "simsiam",
-        arch_optimizer=arch_name,
-        arch_lr=s.arch_learning_rate if s.arch_learning_rate is not None else arch_lr,
-        arch_weight_decay=s.arch_weight_decay,
-        aux_skip_weight=(1.0 if s.aux_skip_weight is None else s.aux_skip_weight)
-        if s.search_method == "darts-minus" else None,
-        beta_darts_weight=(1.0 if s.beta_darts_weight is None else s.beta_darts_weight)
-        if s.search_method == "beta-darts" else None,
+        optimization=optimization_plan(command.optimization, num_processes, name, batch_size=block.batch_size,
+                                       lr=block.lr, weight_decay=block.weight_decay, epochs=block.epochs,
+                                       momentum=block.momentum),
+        fix_predictor_lr=block.fix_predictor_lr,
+        train_portion=s.train_portion if s.train_portion is not None else block.train_portion,
+        arch_optimizer=block.arch_optimizer,
+        arch_lr=s.arch_learning_rate if s.arch_learning_rate is not None else block.arch_lr,
+        arch_betas=tuple(block.arch_betas),
+        arch_weight_decay=s.arch_weight_decay if s.arch_weight_decay is not None else block.arch_weight_decay,
+        variant=s.variant(),
     )
 
 
@@ -182,6 +167,7 @@ class PretrainPlan:
     config: dict[str, Any]
     optimization: OptimizationPlan
     fix_predictor_lr: bool
+    key_bn_splits: int | None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -214,20 +200,22 @@ def plan_pretrain(command: PretrainCommand, policy: str, image_size: int, num_pr
     values = genotype_values(command.pretrain.genotype)
     framework = values["framework"]
     name = recipe_name(command.pretrain.recipe, policy)
+    recipe = resolve_recipe(name, framework)
     backbone = command.model.backbone
     if backbone is not None and backbone != values.get("backbone"):
         values.pop("projector_hidden_size", None)  # re-derive the width of the new backbone
         values["backbone"] = backbone
     values.update(backbone_values or {})
     values.update(image_size=image_size, cifar_stem=policy == "cifar")
-    constants = objective_constants(name, framework)
-    values.update({**constants, **command.objective.given()})
+    values.update({**recipe.method_values(), **command.objective.given()})
     NASiamConfig(**values)
     return PretrainPlan(
         config=values,
-        optimization=optimization_plan(command.optimization, num_processes, name, recipe_block(name, "pretrain",
-                                                                                                framework)),
-        fix_predictor_lr=framework == "simsiam" and not command.pretrain.no_fix_predictor_lr,
+        optimization=optimization_plan(command.optimization, num_processes, name, batch_size=recipe.batch_size,
+                                       lr=recipe.lr, weight_decay=recipe.weight_decay, epochs=recipe.epochs,
+                                       warmup_epochs=recipe.warmup_epochs, momentum=recipe.momentum),
+        fix_predictor_lr=recipe.fix_predictor_lr and not command.pretrain.no_fix_predictor_lr,
+        key_bn_splits=recipe.key_bn_splits,
     )
 
 
@@ -242,32 +230,38 @@ class FinetunePlan:
 
 def plan_finetune(command: FinetuneCommand, num_processes: int) -> FinetunePlan:
     opt = command.optimization
-    defaults = {"batch_size": opt.per_device_train_batch_size, "lr": opt.learning_rate,
-                "weight_decay": opt.weight_decay, "epochs": opt.num_train_epochs}
-    return FinetunePlan(optimization_plan(opt, num_processes, None, defaults), opt.classifier_lr_multiplier)
+    plan = optimization_plan(opt, num_processes, None, batch_size=opt.per_device_train_batch_size,
+                             lr=opt.learning_rate, weight_decay=opt.weight_decay, epochs=opt.num_train_epochs)
+    return FinetunePlan(plan, opt.classifier_lr_multiplier)
 
 
 @dataclass(frozen=True)
 class LinearEvalPlan:
+    """The probe: recipe values under the flags (``lr`` None: the probe's default, scaled by its global batch)."""
+
+    recipe: str
     epochs: int
     per_device_batch: int
     lr: float | None
     weight_decay: float
-    recipe: str
+    momentum: float
+    feature_norm: str
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def plan_linear_eval(command: LinearEvalCommand, policy: str) -> LinearEvalPlan:
-    """Probe epochs from the recipe of the data's policy unless given."""
-    name = recipe_name(None, policy)
+def plan_linear_eval(command: LinearEvalCommand, policy: str, framework: str) -> LinearEvalPlan:
+    """Probe values from ``--recipe`` (else the data's policy) for ``framework``, under the flags."""
     probe = command.probe
-    block = RECIPES[name]["linear_eval"]
+    name = recipe_name(probe.recipe, policy)
+    block = resolve_recipe(name, framework).probe
     return LinearEvalPlan(
-        epochs=probe.num_train_epochs if probe.num_train_epochs is not None else block["epochs"],
-        per_device_batch=probe.per_device_train_batch_size, lr=probe.learning_rate, weight_decay=probe.weight_decay,
         recipe=name,
+        epochs=probe.num_train_epochs if probe.num_train_epochs is not None else block.epochs,
+        per_device_batch=probe.per_device_train_batch_size or block.batch_size, lr=probe.learning_rate,
+        weight_decay=probe.weight_decay if probe.weight_decay is not None else block.weight_decay,
+        momentum=block.momentum, feature_norm=probe.feature_norm or block.feature_norm,
     )
 
 

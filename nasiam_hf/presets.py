@@ -241,16 +241,3 @@ def resolve_recipe(recipe: str, framework: str) -> Recipe:
 def recipe_for_policy(policy: str) -> str:
     """The recipe a dataset's augmentation policy implies when ``--recipe`` is not given."""
     return "imagenet" if policy == "imagenet" else "cifar"
-
-
-def _legacy_view(name: str) -> dict:
-    """The recipe ``name`` in the old nested-dict shape (pretraining optimizer values only)."""
-    def optimizer(recipe: Recipe) -> dict:
-        return {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr,
-                "weight_decay": recipe.weight_decay}
-    table = RECIPE_TABLE[name]
-    return {"pretrain": optimizer(table["simsiam"]), **{framework: optimizer(r) for framework, r in table.items()}}
-
-
-# Read by pretrain.apply_recipe and the --recipe choices until the engines call resolve_recipe; remove with them.
-RECIPES: dict[str, dict] = {name: _legacy_view(name) for name in RECIPE_NAMES}

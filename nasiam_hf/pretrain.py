@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -48,7 +49,7 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
     """
     from .data import make_loader, view_dataset_for
     from .data_loading import load_splits
-    from .evaluation import evaluate_knn
+    from .evaluation import KNNNeighbourhoodWarning, evaluate_knn
     from .hub.push import checkpoint_pusher, push_run_folder
     from .search import mean_loss
 
@@ -84,7 +85,7 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
     model = prepare_model_layout(NASiamForPreTraining(config), accelerator, command.precision.channels_last,
                                  speed.torch_compile)
     groups, fixed_groups = predictor_param_groups(model.parameters(), model.nasiam.predictor, plan.fix_predictor_lr)
-    optimizer = build_sgd(groups, opt.lr, opt.weight_decay, implementation=speed.optimizer_implementation)
+    optimizer = build_sgd(groups, opt.lr, opt.weight_decay, opt.momentum, implementation=speed.optimizer_implementation)
     accelerator.print(
         f"pretrain: {config.framework} / {config.backbone} ({'CIFAR stem' if config.cifar_stem else 'ImageNet stem'}), "
         f"projector {config.genotype('projector')}"
@@ -127,8 +128,13 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
                   "images_per_second": timer["steps"] * opt.global_batch / max(elapsed, 1e-9)}
         last_epoch = state["global_step"] >= total_steps
         if knn_loaders is not None and (due(knn_every, state["global_step"], epoch, True) or last_epoch):
-            knn = evaluate_knn(core.nasiam.backbone, *knn_loaders, accelerator, splits.num_labels,
-                               k=monitor.knn_k, temperature=monitor.knn_temperature)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", KNNNeighbourhoodWarning)
+                knn = evaluate_knn(core.nasiam.backbone, *knn_loaders, accelerator, splits.num_labels,
+                                   k=monitor.knn_k, temperature=monitor.knn_temperature)
+            for warning in caught[:1] if not timer.get("knn_noted") else ():  # once per run, as one line
+                accelerator.print(f"warning: {warning.message}")
+                timer["knn_noted"] = True
             record.update({f"knn_{key}": value for key, value in knn.items()})
             model.train()
         state["history"]["epochs"].append(record)

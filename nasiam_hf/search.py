@@ -24,21 +24,25 @@ from .optimization import (
     predictor_param_groups, weight_step,
 )
 from .plans import SearchPlan, check_search_flags, plan_search
-from .search_space import identity_share
+from .search_methods import (
+    alpha_hessian_top_eigenvalue, alpha_objective, apply_schedule, beta_regularizer, cache_backbone_features,
+    derive_genotype, genotype_shares,
+)
 from .trainer import (
     Checkpointer, DeviceSums, StepLoop, check_finite, guard_output_dir, make_accelerator, mean_over_ranks,
     prepare_model_layout, start_tracking,
 )
 
 ARCH_OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+PROBE_BATCHES = 2  # fixed validation batches for the Hessian and DARTS-PT (heads only: cheap to evaluate)
 
 
 def build_arch_optimizer(model: NASiamForArchitectureSearch, name: str = "adamw", lr: float = 1e-3,
-                         weight_decay: float = 1e-3, implementation: str = "auto") -> torch.optim.Optimizer:
-    """Adam or AdamW (``name``) over the alphas, betas (0.9, 0.999); kernels as in
-    :func:`~.optimization.build_optimizer`."""
+                         weight_decay: float = 1e-3, implementation: str = "auto",
+                         betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """Adam or AdamW (``name``) over the alphas; kernels as in :func:`~.optimization.build_optimizer`."""
     return build_optimizer(ARCH_OPTIMIZER_CLASSES[name], model.arch_parameters(), implementation, lr=lr,
-                           betas=(0.9, 0.999), weight_decay=weight_decay)
+                           betas=tuple(betas), weight_decay=weight_decay)
 
 
 def _all_reduce_mean(grads: list[torch.Tensor]) -> None:
@@ -53,7 +57,7 @@ def _all_reduce_mean(grads: list[torch.Tensor]) -> None:
 
 
 def alpha_step(model: NASiamForArchitectureSearch, batches: dict | list[dict], arch_optimizer: torch.optim.Optimizer,
-               accelerator: Accelerator, guard=None) -> list[NASiamPreTrainingOutput]:
+               accelerator: Accelerator, guard=None, objective=None) -> list[NASiamPreTrainingOutput]:
     """One architecture update from one validation batch, or from the micro-batches of one update (their gradients
     are averaged, as the weight step's are).
 
@@ -61,7 +65,8 @@ def alpha_step(model: NASiamForArchitectureSearch, batches: dict | list[dict], a
     module takes no part in a forward). The backbone runs without autograd, gradients are taken for the alphas
     only, averaged over ranks by hand so every rank keeps identical alphas, and nothing else changes (no momentum
     update, no queue write; BatchNorm running statistics still move, as in any train-mode forward).
-    ``guard(loss)`` runs before the update and may raise to prevent it.
+    ``guard(loss)`` runs before the update and may raise to prevent it; ``objective(loss)`` turns the validation
+    loss into what is differentiated (beta-DARTS adds its regulariser there).
     """
     params = model.arch_parameters()
     micro = as_micro_batches(batches)
@@ -73,7 +78,8 @@ def alpha_step(model: NASiamForArchitectureSearch, batches: dict | list[dict], a
             out = model(view_1, view_2, backbone_grad=False)
         if guard is not None:
             guard(out.loss)
-        loss = accelerator.scaler.scale(out.loss) if accelerator.scaler is not None else out.loss
+        loss = out.loss if objective is None else objective(out.loss)
+        loss = accelerator.scaler.scale(loss) if accelerator.scaler is not None else loss
         for t, g in zip(total, torch.autograd.grad(loss / len(micro), params)):
             t.add_(g.float())
         outputs.append(out)
@@ -99,31 +105,33 @@ def genotype_summary(genotype: dict[str, list[str]]) -> str:
 
 
 def search_epoch_record(model: NASiamForArchitectureSearch, epoch: int, train_loss: float, val_loss: float,
-                        collapse: float, lr: float) -> dict:
-    genotype = model.genotype()
-    shares = [identity_share(ops, model.config.head_spec(cell).widths) for cell, ops in genotype.items()]
-    return {
-        "epoch": epoch,
-        "train_loss": train_loss,
-        "val_loss": val_loss,
-        "collapse_std": collapse,
-        "identity_share": sum(shares) / len(shares),
-        "lr": lr,
-        "genotype": genotype,
-        "op_weights": model.op_weights(),
-    }
+                        collapse: float, lr: float, schedule: dict[str, float] | None = None,
+                        hessian_eigenvalue: float | None = None) -> dict:
+    """One epoch of ``search_history.json``: losses, the collapse statistic, the shares of identity and
+    parameter-free ops in the current genotype, the variant's schedule values, the alphas' Hessian eigenvalue (on
+    the epochs it is measured) and the op weights."""
+    record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "collapse_std": collapse,
+              **genotype_shares(model), "lr": lr, **(schedule or {}),
+              "beta_regularizer": float(beta_regularizer(model.arch_parameters(), 1.0).detach()),
+              "genotype": model.genotype(), "op_weights": model.op_weights()}
+    if hessian_eigenvalue is not None:
+        record["alpha_hessian_top_eigenvalue"] = hessian_eigenvalue
+    return record
 
 
 def write_search_outputs(model: NASiamForArchitectureSearch, history: dict, output_dir: str | Path,
-                         command: SearchCommand | None = None, plan: SearchPlan | None = None) -> NASiamConfig:
-    """config.json (a pretraining-ready NASiamConfig), genotype.json, search_history.json, the run record and the
-    plots, published together."""
+                         command: SearchCommand | None = None, plan: SearchPlan | None = None,
+                         genotype: dict[str, list[str]] | None = None) -> NASiamConfig:
+    """config.json (a pretraining-ready NASiamConfig of ``genotype``, default the argmax of the alphas),
+    genotype.json, search_history.json, the run record and the plots, published together."""
     from .hub import plot_genotype, plot_search_history, save_run_metadata
 
-    config = model.derive_config()
+    genotype = genotype or model.genotype()
+    config = model.derive_config(projector_genotype=genotype["projector"],
+                                 predictor_genotype=genotype.get("predictor"))
     with staged_files(output_dir) as staged:
         config.save_pretrained(staged)
-        atomic_write_json(staged / "genotype.json", model.genotype())
+        atomic_write_json(staged / "genotype.json", genotype)
         atomic_write_json(staged / "search_history.json", history)
         if command is not None:
             save_run_metadata(staged, command, command=command.name,
@@ -151,7 +159,7 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     splits = load_splits(data, run.seed)
     plan = plan_search(command, splits.policy, splits.image_size, accelerator.num_processes)
     opt = plan.optimization
-    train_half, val_half = split_in_halves(splits.train, command.search.train_portion, run.seed)
+    train_half, val_half = split_in_halves(splits.train, plan.train_portion, run.seed)
     kind = "eval" if data.no_augmentation else "ssl"
     batch, workers = opt.per_device_batch, data.dataloader_num_workers
     on_device = speed.augmentation_device == "accelerator"
@@ -165,6 +173,21 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
                                seed=run.seed, drop_last=True, num_workers=workers)
     val_loader = make_loader(ViewDataset(val_half, mode, transform, seed=run.seed + 1), batch, shuffle=True,
                              seed=run.seed + 1, drop_last=True, num_workers=workers)
+    variant = plan.variant
+    # a fixed few validation batches for the head-only measurements (Hessian, DARTS-PT): their own loader, so the
+    # resumable validation iterator is not disturbed
+    probe_loader = make_loader(ViewDataset(val_half, mode, transform, seed=run.seed + 2), batch, shuffle=False,
+                               seed=run.seed + 2, drop_last=True, num_workers=0)
+
+    def probe_batches():
+        batches = []
+        for b in probe_loader:
+            b = {k: v.to(accelerator.device) for k, v in b.items()}
+            batches.append(val_views(b) if on_device else b)
+            if len(batches) == PROBE_BATCHES:
+                break
+        with torch.no_grad():
+            return cache_backbone_features(supernet, batches)
 
     config = NASiamConfig(**plan.config)
     model = prepare_model_layout(NASiamForArchitectureSearch(config), accelerator, command.precision.channels_last,
@@ -177,9 +200,9 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     implementation = speed.optimizer_implementation
     groups, fixed_groups = predictor_param_groups(model.weight_parameters(), model.nasiam.predictor,
                                                   plan.fix_predictor_lr)
-    weight_optimizer = build_sgd(groups, opt.lr, opt.weight_decay, implementation=implementation)
+    weight_optimizer = build_sgd(groups, opt.lr, opt.weight_decay, opt.momentum, implementation=implementation)
     arch_optimizer = build_arch_optimizer(model, plan.arch_optimizer, plan.arch_lr, plan.arch_weight_decay,
-                                          implementation)
+                                          implementation, betas=plan.arch_betas)
     model, weight_optimizer, arch_optimizer, train_loader, val_loader = accelerator.prepare(
         model, weight_optimizer, arch_optimizer, train_loader, val_loader
     )
@@ -215,12 +238,13 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
         fold_sums()
         running = state["running"]
         means = mean_over_ranks(accelerator, [r / max(running[3], 1) for r in running[:3]])
-        record = search_epoch_record(supernet, epoch, *means, lr=scheduler.get_last_lr()[0])
+        eigenvalue = alpha_hessian_top_eigenvalue(supernet, probe_batches()) if variant.hessian_due(epoch) else None
+        record = search_epoch_record(supernet, epoch, *means, lr=scheduler.get_last_lr()[0], schedule=schedule,
+                                     hessian_eigenvalue=eigenvalue)
         state["history"]["epochs"].append(record)
         state["running"] = [0.0, 0.0, 0.0, 0]
         if command.tracking.with_tracking:
-            accelerator.log({k: record[k] for k in ("train_loss", "val_loss", "collapse_std", "identity_share", "lr")},
-                            step=state["global_step"])
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=state["global_step"])
         if accelerator.is_main_process:
             atomic_write_json(Path(run.output_dir) / "search_history.json", state["history"])
 
@@ -230,14 +254,18 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
                     desc="search", before_save=fold_sums, accumulation=opt.accumulation,
                     after_save=pusher.submit if pusher else None)
     model.train()
+    schedule = apply_schedule(supernet, variant, state["global_step"] / total_steps)
     for epoch, train_batches in loop:
         where = f"epoch {epoch}, step {state['global_step'] + 1}"
+        progress = state["global_step"] / total_steps
+        schedule = apply_schedule(supernet, variant, progress)  # DARTS-: this update's skip weight
         val_batches = [next(val_iter) for _ in train_batches]
         if on_device:
             train_batches = [train_views(b) for b in train_batches]
             val_batches = [val_views(b) for b in val_batches]
         a_out = alpha_step(supernet, val_batches, arch_optimizer, accelerator,
-                           guard=lambda loss: check_finite(loss, f"{where} (alpha step)", checkpointer))
+                           guard=lambda loss: check_finite(loss, f"{where} (alpha step)", checkpointer),
+                           objective=lambda loss: alpha_objective(loss, supernet, variant, progress))
         momentum = momentum_for_step(config, state["global_step"], total_steps)
         w_out = weight_step(model, train_batches, weight_optimizer, scheduler, accelerator, momentum,
                             guard=lambda loss: check_finite(loss, f"{where} (weight step)", checkpointer),
@@ -248,9 +276,14 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
             loop.set_postfix(loss=f"{means[0]:.3f}", val=f"{means[1]:.3f}",
                              genotype=genotype_summary(supernet.genotype()))
 
-    state["history"]["genotype"] = supernet.genotype()
+    apply_schedule(supernet, variant, 1.0)  # DARTS-: the skip is gone when the genotype is read off
+    discretization = derive_genotype(supernet, variant,
+                                     probe_batches() if variant.discretization == "perturbation" else None)
+    state["history"]["genotype"] = discretization.genotype
+    state["history"]["discretization"] = discretization.to_dict()
     if accelerator.is_main_process:
-        final = write_search_outputs(supernet, state["history"], run.output_dir, command, plan)
+        final = write_search_outputs(supernet, state["history"], run.output_dir, command, plan,
+                                     genotype=discretization.genotype)
         accelerator.print(f"genotype: projector {final.projector_genotype}, predictor {final.predictor_genotype}")
         accelerator.print(f"search outputs written to {run.output_dir}")
     accelerator.wait_for_everyone()

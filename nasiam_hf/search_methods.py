@@ -216,9 +216,10 @@ def head_loss(model: nn.Module, views: CachedViews, weights: Mapping[str, torch.
 
 def mean_head_loss(model: nn.Module, cached: Sequence[CachedViews],
                    weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """:func:`head_loss` averaged over the cached batches (buffers restored afterwards)."""
-    with preserved_buffers(model):
-        return torch.stack([head_loss(model, views, weights) for views in cached]).mean()
+    """:func:`head_loss` averaged over the cached batches. In train mode this moves BatchNorm running statistics:
+    callers that must leave the model as it was wrap the whole computation, backward included, in
+    :func:`preserved_buffers` (restoring them before a backward would invalidate the saved graph)."""
+    return torch.stack([head_loss(model, views, weights) for views in cached]).mean()
 
 
 def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
@@ -304,7 +305,8 @@ def perturbation_genotype(model: nn.Module, cached: Sequence[CachedViews],
     def loss_of(weights: Mapping[str, torch.Tensor]) -> float:
         return _mean_over_ranks(mean_head_loss(model, cached, weights)).item()
 
-    return perturbation_select(model.cells(), loss_of, max_parameter_free_layers)
+    with preserved_buffers(model):
+        return perturbation_select(model.cells(), loss_of, max_parameter_free_layers)
 
 
 @torch.no_grad()
@@ -386,7 +388,7 @@ def alpha_hessian(model: nn.Module, cached: Sequence[CachedViews]) -> torch.Tens
             offset += count
         return mean_head_loss(model, cached, weights)
 
-    with torch.enable_grad():
+    with torch.enable_grad(), preserved_buffers(model):
         hessian = torch.autograd.functional.hessian(loss_of, flat)
     return 0.5 * (hessian + hessian.T)
 

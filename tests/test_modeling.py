@@ -232,20 +232,26 @@ def test_genotype_follows_alphas_and_derives_a_config():
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_a_few_steps_lower_the_loss(framework):
+    """Twelve steps on two noisy views of the same images lower the loss by a margin far above what the order of
+    float reductions moves (the losses agree to ~0.01 with 1 and 2 threads; the margins are 2-5x below the drops
+    measured: SimSiam 0.14, BYOL 0.65, SimCLR 1.4, MoCo v2 0.27)."""
     torch.manual_seed(0)
     config = small_config(framework)
     model = NASiamForPreTraining(config).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    x1, x2 = views(batch=16)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 3, 8, 8, generator=generator)
+    x1, x2 = (images + 0.1 * torch.randn(images.shape, generator=generator) for _ in range(2))
     losses = []
-    for _ in range(6):
+    for _ in range(12):
         out = model(x1, x2)
         out.loss.backward()
         opt.step()
         opt.zero_grad()
         model.momentum_update(0.9)
         losses.append(out.loss.item())
-    assert losses[-1] < losses[0], losses
+    margin = {"simsiam": 0.07, "byol": 0.3, "simclr": 0.7, "mocov2": 0.15}[framework]
+    assert losses[-1] < losses[0] - margin, losses
 
 
 def test_forward_needs_two_views():

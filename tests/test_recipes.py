@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from conftest import REPO_ROOT
 from nasiam_hf.objectives import FRAMEWORKS, siamese_loss
-from nasiam_hf.presets import RECIPE_NAMES, RECIPES, Recipe, recipe_for_policy, resolve_recipe
+from nasiam_hf.presets import RECIPE_NAMES, Recipe, recipe_for_policy, resolve_recipe
 
 DOC = REPO_ROOT / "docs" / "recipes.md"
 
@@ -173,11 +173,3 @@ def test_resolve_recipe_rejects_unknown_names_and_scales_lr():
                                                                     "momentum": 0.999}
     assert resolve_recipe("cifar", "simsiam").method_values() == {}
     assert recipe_for_policy("imagenet") == "imagenet" and recipe_for_policy("cifar") == "cifar"
-
-
-def test_the_legacy_view_is_derived_from_the_table():
-    for name in RECIPE_NAMES:
-        for framework in FRAMEWORKS:
-            r = resolve_recipe(name, framework)
-            assert RECIPES[name][framework] == {"epochs": r.epochs, "batch_size": r.batch_size, "lr": r.lr,
-                                                "weight_decay": r.weight_decay}

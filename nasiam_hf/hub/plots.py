@@ -170,7 +170,42 @@ def plot_search_history(history: Mapping, folder: str | os.PathLike) -> list[Pat
         _legend_below(ax, lines, labels)
     ax.set_title("Search losses")
     written.append(_save_png(fig, folder / "search_loss.png"))
+    written.append(plot_search_diagnostics(epochs, folder / "search_diagnostics.png"))
     return written
+
+
+def plot_search_diagnostics(epochs: Sequence[Mapping], path: str | os.PathLike) -> Path:
+    """``search_diagnostics.png``: the signs of a collapse into parameter-free ops, one panel each: the identity and
+    parameter-free shares of the genotype, the collapse statistic, and the largest eigenvalue of the alphas' Hessian
+    (on the epochs it was measured; it rises before DARTS collapses)."""
+    fig = _new_figure(12.0, 3.4)
+    panels = fig.subplots(1, 3)
+    series = (
+        (panels[0], (("identity_share", "identity share", "#7f7f7f"),
+                     ("parameter_free_share", "parameter-free share", "#e377c2")), "share of width-keeping layers"),
+        (panels[1], (("collapse_std", "collapse std", "#2ca02c"),), "std of l2-normalised outputs"),
+        (panels[2], (("alpha_hessian_top_eigenvalue", "top Hessian eigenvalue", "#d62728"),), "eigenvalue"),
+    )
+    for ax, keys, ylabel in series:
+        drawn = False
+        for key, label, colour in keys:
+            xs, ys = _epoch_series(epochs, key)
+            if xs:
+                ax.plot(xs, ys, color=colour, label=label, **_line_style(len(xs)))
+                drawn = True
+        if drawn:
+            ax.legend(fontsize=8, loc="best")
+        else:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    panels[0].set_ylim(-0.05, 1.05)
+    panels[0].set_title("Parameter-free ops in the genotype", fontsize=9)
+    panels[1].set_title("Representation collapse", fontsize=9)
+    panels[2].set_title("Curvature of the validation loss in alpha space", fontsize=9)
+    fig.tight_layout()
+    return _save_png(fig, path)
 
 
 def plot_training_history(history: Mapping, folder: str | os.PathLike) -> list[Path]:
