@@ -321,8 +321,9 @@ def decide_output_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any]
     has_model = (out / CONFIG_FILE).is_file()
     if not intact and not has_model:
         changed = _changes(record, identity, fixed, defaults)
+        deleted = ", ".join(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in ours)
         note = (f"output_dir {out}: the run there left nothing to keep (no checkpoint, no model); starting afresh "
-                "there" + (f" (it had {', '.join(changed)})" if changed else "")
+                "there" + (f" (it had {', '.join(changed)})" if changed else "") + f", replacing {deleted}"
                 + ("; no checkpoint to resume from, starting from step 0" if resume is not None else ""))
         return OutputPlan(action="fresh", delete=tuple(ours), kept=tuple(others), notes=(note,), **plan)
     if overwrite:

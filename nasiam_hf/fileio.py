@@ -226,6 +226,15 @@ def _adopt(folder: Path, names: list[str]) -> None:
         _replace_with_link(folder / name)
 
 
+def _carried(previous: Path | None, names: list[str], keep_previous: bool) -> list[str]:
+    """Files of the current version that the new one takes over (weight files only when it writes none)."""
+    if not keep_previous or previous is None:
+        return []
+    writes_weights = any(_WEIGHT_NAME.match(n) for n in names)
+    return sorted(n for n in os.listdir(previous)
+                  if n not in names and not (writes_weights and _WEIGHT_NAME.match(n)))
+
+
 def publish_version(staged: str | os.PathLike, folder: str | os.PathLike, keep_previous: bool = True) -> Path:
     """Make the files of ``staged`` the current model of ``folder`` (see the module docstring); returns the version.
 
@@ -238,7 +247,8 @@ def publish_version(staged: str | os.PathLike, folder: str | os.PathLike, keep_p
     folders = [n for n in names if (staged / n).is_dir()]
     if folders:
         raise ValueError(f"a model version holds files only, got the folder(s) {folders} in {staged}")
-    collisions = [n for n in names if (os.path.lexists(folder / n) and not is_published_link(folder / n))]
+    every = [*names, *_carried(current_version(folder), names, keep_previous)]
+    collisions = [n for n in every if os.path.lexists(folder / n) and not is_published_link(folder / n)]
     for name in collisions:
         if (folder / name).is_dir() and not (folder / name).is_symlink():
             raise IsADirectoryError(errno.EISDIR, f"a folder is in the way of the model file {name}",
@@ -246,11 +256,8 @@ def publish_version(staged: str | os.PathLike, folder: str | os.PathLike, keep_p
     if collisions:
         _adopt(folder, collisions)
     previous = current_version(folder)
-    if keep_previous and previous is not None:
-        writes_weights = any(_WEIGHT_NAME.match(n) for n in names)
-        for item in previous.iterdir():
-            if item.name not in names and not (writes_weights and _WEIGHT_NAME.match(item.name)):
-                _hard_link_or_copy(item, staged / item.name)
+    for name in _carried(previous, names, keep_previous):
+        _hard_link_or_copy(previous / name, staged / name)
     version = _make_current(staged, folder)
     clean_model_leftovers(folder)
     return version

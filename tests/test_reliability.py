@@ -282,6 +282,19 @@ def test_files_written_directly_are_adopted_without_a_visible_change(tmp_path):
     new.save_pretrained(tmp_path)
     assert is_published_link(tmp_path / "model.safetensors") and is_published_link(tmp_path / "config.json")
     assert same_weights(weights_of(tmp_path), new.state_dict())
+    # a published file replaced by another tool's atomic write keeps its newer content through the next save
+    (tmp_path / "elsewhere.json").write_text('{"newer": true}')
+    os.replace(tmp_path / "elsewhere.json", tmp_path / "config.json")
+    NASiamModel(NASiamConfig(image_size=8)).save_pretrained(tmp_path)  # rewrites config.json: its version wins
+    assert NASiamConfig.from_pretrained(tmp_path).framework == "simsiam" and is_published_link(tmp_path / "config.json")
+    from nasiam_hf.fileio import staged_files
+
+    with staged_files(tmp_path) as staged:
+        (staged / "card.md").write_text("card")
+    (tmp_path / "new_card.md").write_text("edited card")
+    os.replace(tmp_path / "new_card.md", tmp_path / "card.md")  # the link replaced by a plain file
+    NASiamModel(NASiamConfig(image_size=8)).save_pretrained(tmp_path)  # card.md is carried over, not rewritten
+    assert (tmp_path / "card.md").read_text() == "edited card" and is_published_link(tmp_path / "card.md")
 
 
 def test_copies_pushes_and_loaders_see_the_resolved_files(tmp_path):
