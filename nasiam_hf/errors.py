@@ -109,8 +109,7 @@ def describe_error(error: BaseException) -> tuple[str, int]:
     if isinstance(error, ValueError):
         return _one_line(error), USAGE_EXIT
     if type(error).__name__ == "OutOfMemoryError":
-        return (f"out of memory: {_one_line(error).split('. ')[0]}; lower --per_device_train_batch_size "
-                "(or use --gradient_accumulation_steps where the command has it)", FAILURE_EXIT)
+        return (f"out of memory ({_one_line(error)[:200]}): lower --per_device_train_batch_size", FAILURE_EXIT)
     if isinstance(error, RuntimeError):
         return _one_line(error), FAILURE_EXIT
     return (f"unexpected {type(error).__name__}: {_one_line(error)} (run again with {DEBUG_FLAG} or {DEBUG_ENV}=1 "
