@@ -1,0 +1,204 @@
+"""Every kind of folder is recognised for what it is, and every use refuses the kinds it cannot take, saying what it
+found and what to do."""
+
+import json
+import os
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import BertConfig
+
+from nasiam_hf import NASiamConfig, NASiamForArchitectureSearch, NASiamForPreTraining, NASiamModel
+from nasiam_hf.checkpoints import Checkpointer
+from nasiam_hf.errors import DamagedCheckpointError, FolderKindError, UsageError
+from nasiam_hf.folders import (
+    FolderKind,
+    checkpoint_problem,
+    inspect_path,
+    require_checkpoint,
+    require_exportable_checkpoint,
+    require_genotype_source,
+    require_model,
+    safetensors_problem,
+)
+
+SMALL = dict(image_size=8)
+
+
+def make_run_checkpoint(out, step: int = 3, preset: str = "simsiam-baseline", search: bool = False,
+                        with_model_config: bool = True):
+    """A real checkpoint of a tiny run under ``out/checkpoints`` (Accelerate save_state + trainer state), as the
+    engines write it. Returns (checkpoint path, the unwrapped model)."""
+    accelerator = Accelerator(cpu=True)
+    config = NASiamConfig.from_preset(preset, **SMALL)
+    model = (NASiamForArchitectureSearch if search else NASiamForPreTraining)(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)
+    checkpointer = Checkpointer(accelerator, out, model=core if with_model_config else None)
+    history = {"epochs": [{"epoch": 0, "loss": -0.5}], "framework": config.framework}
+    path = checkpointer.save(step, {"epoch": 1, "step_in_epoch": 0, "global_step": step, "history": history})
+    return path, core
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory):
+    """One folder of every kind, built by the real writers."""
+    root = tmp_path_factory.mktemp("kinds")
+    made = {}
+    made["missing"] = root / "nope"
+    made["file"] = root / "genotype.json"
+    made["file"].write_text("[]")
+    made["empty"] = root / "empty"
+    made["empty"].mkdir()
+    made["model"] = root / "model"
+    NASiamModel(NASiamConfig(**SMALL)).save_pretrained(made["model"])
+    made["config_only"] = root / "config_only"
+    NASiamConfig(**SMALL).save_pretrained(made["config_only"])
+    made["search_output"] = root / "search"
+    NASiamConfig(**SMALL).save_pretrained(made["search_output"])
+    (made["search_output"] / "genotype.json").write_text(json.dumps({"projector": ["identity"] * 6}))
+    (made["search_output"] / "search_history.json").write_text(json.dumps({"epochs": []}))
+    made["unfinished_search"] = root / "running-search"
+    made["unfinished_search"].mkdir()
+    (made["unfinished_search"] / "run_args.json").write_text("{}")
+    (made["unfinished_search"] / "search_history.json").write_text(json.dumps({"epochs": []}))
+    make_run_checkpoint(made["unfinished_search"], step=2, preset="simsiam-baseline", search=True)
+    made["failed_run"] = root / "failed"
+    made["failed_run"].mkdir()
+    (made["failed_run"] / "run_args.json").write_text("{}")
+    made["run_with_checkpoints"] = root / "pretrain-run"
+    made["checkpoint"], _ = make_run_checkpoint(made["run_with_checkpoints"])
+    made["checkpoints"] = made["run_with_checkpoints"] / "checkpoints"
+    made["bert"] = root / "bert"
+    BertConfig(num_hidden_layers=1).save_pretrained(made["bert"])
+    made["timm"] = root / "timm"
+    made["timm"].mkdir()
+    (made["timm"] / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 10}))
+    made["weights_only"] = root / "weights_only"
+    made["weights_only"].mkdir()
+    (made["weights_only"] / "checkpoint_0799.pth.tar").write_bytes(b"\x80\x04")
+    made["other_files"] = root / "notes"
+    made["other_files"].mkdir()
+    (made["other_files"] / "notes.txt").write_text("hello")
+    made["damaged_model"] = root / "damaged"
+    NASiamModel(NASiamConfig(**SMALL)).save_pretrained(made["damaged_model"])
+    weights = made["damaged_model"] / "model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()  # a published link: replace it by a truncated regular file
+    weights.write_bytes(data[: len(data) // 3])
+    return made
+
+
+EXPECTED = {
+    "missing": FolderKind.MISSING, "file": FolderKind.FILE, "empty": FolderKind.EMPTY, "model": FolderKind.MODEL,
+    "config_only": FolderKind.CONFIG_ONLY, "search_output": FolderKind.SEARCH_OUTPUT,
+    "unfinished_search": FolderKind.UNFINISHED_RUN, "failed_run": FolderKind.UNFINISHED_RUN,
+    "run_with_checkpoints": FolderKind.UNFINISHED_RUN, "checkpoint": FolderKind.CHECKPOINT,
+    "checkpoints": FolderKind.CHECKPOINTS, "bert": FolderKind.OTHER_MODEL, "timm": FolderKind.OTHER_MODEL,
+    "weights_only": FolderKind.OTHER_MODEL, "other_files": FolderKind.OTHER_FILES, "damaged_model": FolderKind.DAMAGED,
+}
+
+
+def test_every_kind_is_recognised(kinds):
+    found = {name: inspect_path(path).kind for name, path in kinds.items()}
+    assert found == EXPECTED
+    assert inspect_path(kinds["unfinished_search"]).run_kind == "search"
+    run = inspect_path(kinds["run_with_checkpoints"])
+    assert run.run_kind == "pretraining" and run.checkpoints == (kinds["checkpoint"],)
+    assert "step 3, epoch 1" in inspect_path(kinds["checkpoint"]).what
+    assert "'bert' model" in inspect_path(kinds["bert"]).what
+    assert "truncated" in inspect_path(kinds["damaged_model"]).problem
+
+
+# What each use accepts; everything else must be refused with a message naming what was found.
+ACCEPTS = {
+    "genotype": {"model", "config_only", "search_output"},
+    "model": {"model"},
+    "checkpoint": {"checkpoint"},
+}
+
+
+@pytest.mark.parametrize("use", sorted(ACCEPTS))
+def test_each_use_refuses_what_it_cannot_take(kinds, use):
+    check = {"genotype": require_genotype_source, "model": require_model, "checkpoint": require_checkpoint}[use]
+    for name, path in kinds.items():
+        if name in ACCEPTS[use]:
+            assert check(path).path == path
+            continue
+        if use == "model" and name == "missing":
+            continue  # "nope" could be a Hub id: checked below
+        with pytest.raises(UsageError) as info:
+            check(path)
+        message = str(info.value)
+        assert str(path) in message and "but it is" in message or "neither a folder nor a preset" in message, message
+        assert "\n" not in message
+
+
+def test_messages_say_what_to_do(kinds):
+    with pytest.raises(FolderKindError, match=r"resume it with `nasiam-search \.\.\. --output_dir .*--resume_from.*"
+                                              r"export the genotype found so far with `nasiam-convert checkpoint"):
+        require_genotype_source(kinds["unfinished_search"])  # a search still running: no config.json yet
+    with pytest.raises(FolderKindError, match=r"no checkpoint yet: if it is still running, let it finish; if it "
+                                              r"failed, run it again"):
+        require_genotype_source(kinds["failed_run"])
+    with pytest.raises(FolderKindError, match=r"nasiam-convert checkpoint .*step-00000003 OUTPUT"):
+        require_model(kinds["run_with_checkpoints"])
+    with pytest.raises(FolderKindError, match=r"a checkpoint is for resuming: continue its run with `--output_dir"):
+        require_model(kinds["checkpoint"], flag="--model_name_or_path")
+    with pytest.raises(FolderKindError, match=r"a search result is a genotype, not trained weights: pretrain it"):
+        require_model(kinds["search_output"])
+    with pytest.raises(FolderKindError, match=r"has no model.safetensors"):
+        require_model(kinds["config_only"])
+    with pytest.raises(FolderKindError, match=r"nasiam-convert official"):
+        require_genotype_source(kinds["weights_only"] / "checkpoint_0799.pth.tar")
+    with pytest.raises(FolderKindError, match=r"presets: \[.*simsiam-cifar10-resnet18"):
+        require_genotype_source(kinds["missing"])
+    with pytest.raises(FolderKindError, match=r"it is a run folder: pass --output_dir .* --resume_from_checkpoint "):
+        require_checkpoint(kinds["run_with_checkpoints"])
+    assert require_model("uoft-cs/nasiam-simsiam").kind is FolderKind.MISSING  # a Hub id passes to the loader
+    with pytest.raises(FolderKindError):
+        require_model(kinds["missing"], allow_hub_id=False)
+
+
+def test_damaged_checkpoints_are_named(tmp_path):
+    path, _ = make_run_checkpoint(tmp_path / "run")
+    assert checkpoint_problem(path) is None
+    state = path / "trainer_state.json"
+    good = state.read_text()
+    state.write_text("{not json")
+    assert "trainer_state.json is unreadable" in checkpoint_problem(path)
+    state.write_text(json.dumps({"epoch": 1}))
+    assert "no integer step_in_epoch, global_step" in checkpoint_problem(path)
+    state.write_text(good)
+    optimizer = path / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:-10])  # a different size from the one written
+    assert "optimizer.bin has" in checkpoint_problem(path)
+    optimizer.unlink()
+    assert checkpoint_problem(path) == "optimizer.bin is missing"
+    with pytest.raises(DamagedCheckpointError, match=r"is damaged: optimizer.bin is missing; no intact checkpoint"):
+        require_checkpoint(path)
+
+
+def test_safetensors_damage_is_found_from_the_header(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(64)}, path)
+    assert safetensors_problem(path) is None
+    data = path.read_bytes()
+    for damaged, words in ((data[:-1], "truncated or corrupted"), (data[:4], "truncated or not a safetensors"),
+                           (b"\x10" + b"\x00" * 7 + b"x" * 16 + data[24:], "not valid JSON"),
+                           (b"garbage" * 10, "truncated or not a safetensors")):
+        path.write_bytes(damaged)
+        assert words in safetensors_problem(path)
+
+
+def test_exporting_needs_a_checkpoint_with_its_config(tmp_path):
+    path, _ = make_run_checkpoint(tmp_path / "old", with_model_config=False)
+    with pytest.raises(FolderKindError, match=r"has no NASiam config.json .*--resume_from_checkpoint latest"):
+        require_exportable_checkpoint(path)
+    path, _ = make_run_checkpoint(tmp_path / "new")
+    assert require_exportable_checkpoint(path).config["architectures"] == ["NASiamForPreTraining"]
+    assert os.path.isfile(path / "checkpoint_files.json")
