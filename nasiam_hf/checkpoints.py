@@ -49,8 +49,10 @@ LENGTH_KEYS = frozenset({"num_train_epochs", "max_train_steps"})
 MODEL_FILES = frozenset({
     CONFIG_FILE, "model.safetensors", "model.safetensors.index.json", "preprocessor_config.json", "README.md",
     "genotype.json", "genotype.png", "loss.png", "knn_accuracy.png", "collapse.png", "alphas.png", "search_loss.png",
+    "search_diagnostics.png", "linear_probe.safetensors",
 })
-TRACKER_DIRS = frozenset({"nasiam-search", "nasiam-pretrain", "nasiam-finetune", "nasiam-linear-eval"})
+# Tracker folders: runs/ (where the engines point Accelerate's trackers), and the per-project folders of older runs.
+TRACKER_DIRS = frozenset({"runs", "nasiam-search", "nasiam-pretrain", "nasiam-finetune", "nasiam-linear-eval"})
 IGNORED_KEYS = frozenset({"output_dir", "resume_from_checkpoint", "overwrite_output_dir"})
 _SECRET = re.compile(r"token|password|secret", re.IGNORECASE)
 
@@ -90,8 +92,9 @@ class Checkpointer:
     """
 
     def __init__(self, accelerator: Accelerator, output_dir: str | os.PathLike, total_limit: int = 2, *,
-                 model=None, image_processor=None):
+                 model=None, image_processor=None, before_first_save=None):
         self.accelerator = accelerator
+        self.before_first_save = before_first_save  # e.g. OutputPlan.write_record: called once, main process
         self.root = Path(output_dir) / CHECKPOINT_DIR
         self.total_limit = max(1, total_limit)
         self.model = model
@@ -137,6 +140,9 @@ class Checkpointer:
         acc.save_state(str(staging))
         acc.wait_for_everyone()
         if acc.is_main_process:
+            if self.before_first_save is not None:
+                self.before_first_save()
+                self.before_first_save = None
             self._write_model_files(staging)
             atomic_write_json(staging / TRAINER_STATE_FILE, state)
             sizes = {p.name: p.stat().st_size for p in sorted(staging.iterdir())
@@ -218,18 +224,25 @@ class OutputPlan:
         return "\n".join(self.notes)
 
     def apply(self) -> None:
-        """Main process only: delete what the plan says, clean staging leftovers, record the run's identity."""
+        """Main process only: delete what the plan says and clean staging leftovers. Nothing new is written: the
+        run's identity is recorded with its first checkpoint or its outputs (:meth:`write_record`), so a run that
+        fails before that leaves the folder as it found it."""
         for path in self.delete:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if not self.output_dir.is_dir():
+            return
         clean_model_leftovers(self.output_dir)
         root = self.output_dir / CHECKPOINT_DIR
         if root.is_dir():
             for stale in root.glob(f"{STAGING_PREFIX}*"):
                 shutil.rmtree(stale, ignore_errors=True)
+
+    def write_record(self) -> None:
+        """Main process only: record the run's identity (``run_args.json``), which later runs are compared to."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.output_dir / RUN_RECORD_FILE, self.identity)
 
 

@@ -25,11 +25,13 @@ from typing import Any
 import torch
 
 from .arguments import FinetuneCommand
-from .fileio import atomic_write_json, read_json
+from .checkpoints import Checkpointer
+from .fileio import atomic_write_json, read_json, staged_files
+from .folders import require_model
+from .processing import image_processor_for_splits
 from .optimization import build_cosine_schedule, build_optimizer
 from .trainer import (
-    Checkpointer, StepLoop, check_finite, guard_output_dir, make_accelerator, mean_over_ranks, prepare_model_layout,
-    start_tracking,
+    StepLoop, check_finite, guard_output, make_accelerator, mean_over_ranks, prepare_model_layout, start_tracking,
 )
 
 HISTORY_FILE = "finetune_history.json"
@@ -125,10 +127,11 @@ def run_finetune(command: FinetuneCommand) -> Path:
 
     run, data, speed = command.run, command.data, command.speed
     command.data.require_source()
+    require_model(command.model.model_name_or_path, purpose="fine-tuning")
     accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
                                    command.optimization.gradient_accumulation_steps)
+    output = guard_output(command, accelerator)
     splits = load_splits(data, run.seed)
-    guard_output_dir(command, accelerator)
     plan = plan_finetune(command, accelerator.num_processes)
     opt = plan.optimization
     model = load_classifier(command.model.model_name_or_path, splits.num_labels, splits.id2label, splits.label2id)
@@ -177,10 +180,13 @@ def run_finetune(command: FinetuneCommand) -> Path:
     )
     start_tracking(accelerator, command, "nasiam-finetune")
 
-    checkpointer = Checkpointer(accelerator, run.output_dir, run.checkpoints_total_limit)
+    checkpointer = Checkpointer(accelerator, run.output_dir, run.checkpoints_total_limit,
+                                model=accelerator.unwrap_model(model),
+                                image_processor=image_processor_for_splits(splits),
+                                before_first_save=output.write_record)
     state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "running": [0.0, 0, 0, 0],
                              "history": {"epochs": []}}
-    state = checkpointer.resume(run.resume_from_checkpoint, state)
+    state = checkpointer.resume(output.resume_from, state)
     output_dir = Path(run.output_dir)
     timer = {"start": time.perf_counter()}
 
@@ -225,6 +231,7 @@ def run_finetune(command: FinetuneCommand) -> Path:
         loop.set_postfix(loss=f"{loss_value:.4f}")
 
     if accelerator.is_main_process:
+        output.write_record()
         write_finetune_outputs(accelerator.unwrap_model(model), state["history"], output_dir, command, plan, splits)
         accelerator.print(f"classifier saved to {output_dir} (AutoModelForImageClassification.from_pretrained)")
     accelerator.wait_for_everyone()
@@ -260,16 +267,17 @@ def write_finetune_outputs(model, history: dict, output_dir: Path, command: Fine
     from .hub import save_run_metadata, write_model_card
     from .processing import save_image_processor
 
-    model.save_pretrained(output_dir)
-    save_image_processor(output_dir, splits)
-    atomic_write_json(output_dir / HISTORY_FILE, history)
     eval_results = finetune_eval_results(history, command, splits)
-    if eval_results is not None:
-        atomic_write_json(output_dir / EVAL_RESULTS_FILE, eval_results)
-    record = save_run_metadata(output_dir, command, command=command.name, resolved=plan.to_dict())
-    write_model_card(output_dir, model.config, training_args=read_json(record), eval_results=eval_results,
-                     dataset_name=splits.name, base_model=_hub_model_id(command.model.model_name_or_path))
-    finish_classifier_card(output_dir, eval_results, splits)
+    with staged_files(output_dir) as staged:  # one version: the old classifier or the new one, never a mix
+        model.save_pretrained(staged)
+        save_image_processor(staged, splits)
+        atomic_write_json(staged / HISTORY_FILE, history)
+        if eval_results is not None:
+            atomic_write_json(staged / EVAL_RESULTS_FILE, eval_results)
+        record = save_run_metadata(staged, command, command=command.name, resolved=plan.to_dict())
+        write_model_card(staged, model.config, training_args=read_json(record), eval_results=eval_results,
+                         dataset_name=splits.name, base_model=_hub_model_id(command.model.model_name_or_path))
+        finish_classifier_card(staged, eval_results, splits)
 
 
 def finish_classifier_card(folder: Path, eval_results: dict | None, splits) -> Path:

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from .arguments import LinearEvalCommand
 from .fileio import atomic_write_json, read_json
+from .folders import require_model
 from .modeling_nasiam import NASiamModel
 
 EVAL_RESULTS = "eval_results.json"
@@ -67,6 +68,7 @@ def run_linear_eval(command: LinearEvalCommand) -> dict:
     if run.output_dir is None and not os.path.isdir(model_path):
         raise ValueError(
             f"--model_name_or_path {model_path!r} is not a local folder: pass --output_dir for the results")
+    require_model(model_path, purpose="linear evaluation")
     accelerator = make_accelerator(str(output_dir), run.seed, command.precision, command.tracking)
     model = load_for_evaluation(model_path)
     # evaluate at the resolution the model was trained at, unless told otherwise

@@ -10,7 +10,6 @@ framework's default. Flags that do not apply to the chosen framework are refused
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ from .arguments import (
     FinetuneCommand, LinearEvalCommand, ObjectiveArguments, OptimizationArguments, PretrainCommand, SearchCommand,
 )
 from .configuration_nasiam import FRAMEWORK_DEFAULTS, NASiamConfig, check_preset
+from .folders import require_genotype_source
 from .optimization import scaled_lr
 from .presets import PRESETS, recipe_for_policy, resolve_recipe
 from .search_methods import SearchVariant
@@ -175,16 +175,13 @@ class PretrainPlan:
 
 def genotype_values(genotype: str) -> dict[str, Any]:
     """Config values of ``--genotype``: a search output folder, a paper preset or ``<framework>-baseline``."""
-    if os.path.isdir(genotype):
+    if genotype not in PRESETS:
+        require_genotype_source(genotype)  # a search output or model folder, not a run still going, a checkpoint...
         values = NASiamConfig.from_pretrained(genotype).to_dict()
         for key in _RECORDED_KEYS:
             values.pop(key, None)
         return values
-    if genotype in PRESETS:
-        return check_preset(genotype)
-    raise ValueError(
-        f"--genotype {genotype!r} is neither a search output folder nor a preset; presets: {sorted(PRESETS)}"
-    )
+    return check_preset(genotype)
 
 
 def check_pretrain_flags(command: PretrainCommand) -> str:

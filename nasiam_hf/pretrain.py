@@ -11,13 +11,15 @@ from accelerate import Accelerator
 
 from .arguments import PretrainCommand
 from .configuration_nasiam import NASiamConfig
-from .fileio import atomic_write_json, read_json
+from .checkpoints import Checkpointer
+from .fileio import atomic_write_json, read_json, staged_files
 from .modeling_nasiam import NASiamForPreTraining
 from .optimization import build_cosine_schedule, build_sgd, momentum_for_step, predictor_param_groups, weight_step
 from .plans import PretrainPlan, check_pretrain_flags, plan_pretrain
+from .processing import image_processor_for_splits
 from .trainer import (
-    Checkpointer, DeviceSums, StepLoop, check_finite, due, guard_output_dir, make_accelerator, mean_over_ranks,
-    prepare_model_layout, start_tracking,
+    DeviceSums, StepLoop, check_finite, due, guard_output, make_accelerator, mean_over_ranks, prepare_model_layout,
+    start_tracking,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,11 +60,11 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
     run, data, speed, monitor = command.run, command.data, command.speed, command.monitor
     accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
                                    command.optimization.gradient_accumulation_steps)
+    output = guard_output(command, accelerator)
     splits = load_splits(data, run.seed)
     plan = plan_pretrain(command, splits.policy, splits.image_size, accelerator.num_processes)
     opt = plan.optimization
     config = NASiamConfig(**plan.config)
-    guard_output_dir(command, accelerator)
     batch, workers = opt.per_device_batch, data.dataloader_num_workers
     on_device = speed.augmentation_device == "accelerator"
     # on the device: the loader only decodes, and the views are drawn per batch, seeded per sample
@@ -103,10 +105,12 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
     core = accelerator.unwrap_model(model)
     start_tracking(accelerator, command, "nasiam-pretrain")
 
-    checkpointer = Checkpointer(accelerator, run.output_dir, run.checkpoints_total_limit)
+    checkpointer = Checkpointer(accelerator, run.output_dir, run.checkpoints_total_limit, model=core,
+                                image_processor=image_processor_for_splits(splits),
+                                before_first_save=output.write_record)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "running": [0.0, 0.0, 0], "low_collapse_epochs": 0,
              "history": {"epochs": [], "collapse_reference": config.collapse_floor, "framework": config.framework}}
-    state = checkpointer.resume(run.resume_from_checkpoint, state)
+    state = checkpointer.resume(output.resume_from, state)
     watch = CollapseWatch(config.collapse_floor, command.pretrain.collapse_threshold,
                           command.pretrain.collapse_patience)
     watch.low = state["low_collapse_epochs"]
@@ -170,6 +174,7 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
             loop.set_postfix(loss=f"{means[0]:.4f}", std=f"{means[1]:.4f}")
 
     if accelerator.is_main_process:
+        output.write_record()
         write_pretraining_outputs(core, state["history"], output_dir, command, plan, splits)
         accelerator.print(f"model saved to {output_dir} (load it with NASiamModel.from_pretrained)")
     accelerator.wait_for_everyone()
@@ -183,17 +188,19 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
 
 def write_pretraining_outputs(model: NASiamForPreTraining, history: dict, output_dir: Path,
                               command: PretrainCommand, plan: PretrainPlan, splits) -> None:
-    """The model folder (weights, config, processor), history, plots, the run record and the model card."""
+    """The model folder (weights, config, processor), history, plots, the run record and the model card, published
+    as one version (:func:`~nasiam_hf.fileio.staged_files`): a reader sees the old model or the new one."""
     from .hub import plot_genotype, plot_training_history, save_run_metadata, write_model_card
     from .processing import save_image_processor
 
-    model.nasiam.save_pretrained(output_dir)
-    save_image_processor(output_dir, splits)
-    atomic_write_json(output_dir / "training_history.json", history)
-    record = save_run_metadata(output_dir, command, command=command.name, resolved=plan.to_dict())
-    plot_training_history(history, output_dir)
-    plot_genotype(model.config, output_dir / "genotype.png")
     eval_path = output_dir / "eval_results.json"
     eval_results = read_json(eval_path) if eval_path.exists() else None
-    write_model_card(output_dir, model.config, training_args=read_json(record), eval_results=eval_results,
-                     history=history, dataset_name=splits.name)
+    with staged_files(output_dir) as staged:
+        model.nasiam.save_pretrained(staged)
+        save_image_processor(staged, splits)
+        atomic_write_json(staged / "training_history.json", history)
+        record = save_run_metadata(staged, command, command=command.name, resolved=plan.to_dict())
+        plot_training_history(history, staged)
+        plot_genotype(model.config, staged / "genotype.png")
+        write_model_card(staged, model.config, training_args=read_json(record), eval_results=eval_results,
+                         history=history, dataset_name=splits.name)

@@ -28,9 +28,11 @@ from .search_methods import (
     alpha_hessian_top_eigenvalue, alpha_objective, apply_schedule, beta_regularizer, cache_backbone_features,
     derive_genotype, genotype_shares,
 )
+from .checkpoints import Checkpointer
+from .processing import image_processor_for_splits
 from .trainer import (
-    Checkpointer, DeviceSums, StepLoop, check_finite, guard_output_dir, make_accelerator, mean_over_ranks,
-    prepare_model_layout, start_tracking,
+    DeviceSums, StepLoop, check_finite, guard_output, make_accelerator, mean_over_ranks, prepare_model_layout,
+    start_tracking,
 )
 
 ARCH_OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -155,7 +157,7 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     run, data, speed = command.run, command.data, command.speed
     accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
                                    command.optimization.gradient_accumulation_steps)
-    guard_output_dir(command, accelerator)
+    output = guard_output(command, accelerator)
     splits = load_splits(data, run.seed)
     plan = plan_search(command, splits.policy, splits.image_size, accelerator.num_processes)
     opt = plan.optimization
@@ -213,10 +215,12 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     supernet = accelerator.unwrap_model(model)
     start_tracking(accelerator, command, "nasiam-search")
 
-    checkpointer = Checkpointer(accelerator, run.output_dir, run.checkpoints_total_limit)
+    checkpointer = Checkpointer(accelerator, run.output_dir, run.checkpoints_total_limit, model=supernet,
+                                image_processor=image_processor_for_splits(splits),
+                                before_first_save=output.write_record)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "val_epoch": 0, "val_step": 0,
              "history": {"ops": list(config.search_ops), "epochs": []}, "running": [0.0, 0.0, 0.0, 0]}
-    state = checkpointer.resume(run.resume_from_checkpoint, state)
+    state = checkpointer.resume(output.resume_from, state)
 
     def validation_batches():
         """One persistent iterator over the validation half, cycling through its epochs (resumable)."""
@@ -282,6 +286,7 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     state["history"]["genotype"] = discretization.genotype
     state["history"]["discretization"] = discretization.to_dict()
     if accelerator.is_main_process:
+        output.write_record()
         final = write_search_outputs(supernet, state["history"], run.output_dir, command, plan,
                                      genotype=discretization.genotype)
         accelerator.print(f"genotype: projector {final.projector_genotype}, predictor {final.predictor_genotype}")

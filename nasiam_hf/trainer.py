@@ -1,15 +1,13 @@
-"""What every training command shares: flags, the Accelerator, output-folder guard, checkpoints, preemption, NaN guard.
-
-Checkpoints are Accelerate ``save_state`` folders (every rank takes part) plus our own ``trainer_state.json``
-(epoch, step, data position, history), written to a staging folder and renamed into place, so a kill during a save
-leaves the previous checkpoint intact.
+"""What every training engine shares around its steps: the Accelerator, the output-folder guard of a command, the
+model layout (SyncBatchNorm, channels_last, compile), device-side running sums, preemption, the NaN guard, tracking
+and the epoch/update loop. Checkpoints themselves live in :mod:`nasiam_hf.checkpoints`, the optimisers and the
+weight step in :mod:`nasiam_hf.optimization`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -20,16 +18,9 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from torch import distributed as dist
 
 from .arguments import Command, PrecisionArguments, TrackingArguments
-from .fileio import atomic_write_json, read_json
+from .checkpoints import Checkpointer, OutputPlan, guard_output_dir
+from .errors import NonFiniteLossError
 from .hub.metadata import redact_secrets
-
-CHECKPOINT_DIR = "checkpoints"
-RUN_ARGS_FILE = "run_args.json"
-TRAINER_STATE_FILE = "trainer_state.json"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
 def make_accelerator(output_dir: str | None, seed: int, precision: PrecisionArguments,
@@ -50,6 +41,16 @@ def make_accelerator(output_dir: str | None, seed: int, precision: PrecisionArgu
     )
     set_seed(seed)
     return accelerator
+
+
+def guard_output(command: Command, accelerator: Accelerator) -> OutputPlan:
+    """Decide (and print) what ``command`` does with its ``--output_dir``: the rules of
+    :func:`nasiam_hf.checkpoints.decide_output_dir`, with the identity and the keys that may change on resume
+    given by the arguments' ``resume`` rules (:mod:`nasiam_hf.arguments`)."""
+    values, free, extend = command.identity()
+    run = command.run
+    return guard_output_dir(accelerator, run.output_dir, values, mutable_keys=free | extend,
+                            resume=run.resume_from_checkpoint, overwrite=run.overwrite_output_dir)
 
 
 def is_multi_gpu(accelerator: Accelerator) -> bool:
@@ -121,108 +122,6 @@ def mean_over_ranks(accelerator: Accelerator, values: list[float]) -> list[float
     """The mean of each value over the processes (the values themselves on one process)."""
     t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
     return accelerator.reduce(t, reduction="mean").tolist()
-
-
-def run_identity(command: Command) -> dict:
-    values, free, _ = command.identity()
-    return {k: v for k, v in sorted(values.items()) if k not in free}
-
-
-def guard_output_dir(command: Command, accelerator: Accelerator) -> None:
-    """Refuse an output_dir that holds a different run (compared on saved arguments) unless overwriting.
-
-    Resuming, or re-running with the same arguments, is allowed. Only the main process reads and writes; the
-    decision is the same on every rank because they all read the same file before anyone writes it.
-    """
-    run = command.run
-    out = Path(run.output_dir)
-    saved_path = out / RUN_ARGS_FILE
-    current = run_identity(command)
-    if saved_path.exists():
-        saved = read_json(saved_path)
-        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        if diff and not run.overwrite_output_dir:
-            def show(value):
-                return "unset" if value is None else repr(value)
-
-            shown = ", ".join(f"{k}: {show(saved.get(k))} -> {show(current.get(k))}" for k in diff[:6])
-            raise ValueError(
-                f"output_dir {str(out)!r} already holds a different run ({shown}). Pass --overwrite_output_dir to "
-                "replace it, or choose another --output_dir."
-            )
-        if diff and accelerator.is_main_process:
-            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-    elif run.resume_from_checkpoint == "latest" and accelerator.is_main_process and not out.exists():
-        accelerator.print(f"--resume_from_checkpoint latest: {out} is new, starting from scratch")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(saved_path, current)
-    accelerator.wait_for_everyone()
-
-
-class Checkpointer:
-    """Atomic, rotating checkpoints under ``output_dir/checkpoints/step-XXXXXXXX``."""
-
-    def __init__(self, accelerator: Accelerator, output_dir: str | os.PathLike, total_limit: int = 2):
-        self.accelerator = accelerator
-        self.root = Path(output_dir) / CHECKPOINT_DIR
-        self.total_limit = max(1, total_limit)
-
-    def checkpoints(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        done = [p for p in self.root.glob("step-*") if (p / TRAINER_STATE_FILE).exists()]
-        return sorted(done, key=lambda p: int(p.name.split("-")[1]))
-
-    def resolve(self, spec: str | None) -> Path | None:
-        """``None`` -> no resume; ``"latest"`` -> newest complete checkpoint (or None); else a checkpoint folder."""
-        if spec is None:
-            return None
-        if spec == "latest":
-            found = self.checkpoints()
-            return found[-1] if found else None
-        path = Path(spec)
-        if not (path / TRAINER_STATE_FILE).exists():
-            raise ValueError(
-                f"--resume_from_checkpoint {spec!r} is not a complete checkpoint folder (no {TRAINER_STATE_FILE}); "
-                f"available: {[str(p) for p in self.checkpoints()] or 'none'}; or pass 'latest'"
-            )
-        return path
-
-    def save(self, global_step: int, state: dict) -> Path:
-        """Every rank must call this (Accelerate saves per-rank RNG states); the main process publishes the folder."""
-        acc = self.accelerator
-        final = self.root / f"step-{global_step:08d}"
-        staging = self.root / f".staging-step-{global_step:08d}"
-        if acc.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(staging))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            atomic_write_json(staging / TRAINER_STATE_FILE, state)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-            for old in self.checkpoints()[: -self.total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
-
-    def load(self, path: Path) -> dict:
-        self.accelerator.load_state(str(path))
-        return read_json(path / TRAINER_STATE_FILE)
-
-    def resume(self, spec: str | None, state: dict) -> dict:
-        """The trainer state to start from: ``state`` when ``spec`` (``--resume_from_checkpoint``) names no
-        checkpoint, else the checkpoint's, whose model, optimiser, scheduler and RNG states are loaded too."""
-        path = self.resolve(spec)
-        if path is None:
-            return state
-        state = self.load(path)
-        self.accelerator.print(f"resumed from {path} (epoch {state['epoch']}, step {state['global_step']})")
-        return state
 
 
 class StopRequest:

@@ -10,8 +10,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ..errors import PushError
+from ..fileio import HIDDEN_MODEL_PATTERNS
+
 # Training checkpoints, temporary files, and the staging folders of nasiam_hf.fileio (".<name>.XXXX.tmp/").
-DEFAULT_IGNORE_PATTERNS = ("checkpoints/*", "checkpoint-*/*", "*.tmp", "*.tmp/*")
+DEFAULT_IGNORE_PATTERNS = ("checkpoints/*", "checkpoint-*/*", "*.tmp", "*.tmp/*", *HIDDEN_MODEL_PATTERNS)
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -98,7 +101,7 @@ def push_folder_to_hub(
     patterns = list(ignore_patterns or ())
     hint = _upload_hint(folder, repo_id, patterns)
     if offline_mode("TRANSFORMERS_OFFLINE"):
-        raise RuntimeError(
+        raise PushError(
             f"Cannot push to the Hub: offline mode is on (HF_HUB_OFFLINE=1; unset it to push).\n{hint}"
         )
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
@@ -117,13 +120,13 @@ def push_folder_to_hub(
     except HfHubHTTPError as error:
         status = getattr(getattr(error, "response", None), "status_code", None)
         if status in (401, 403):
-            raise RuntimeError(
+            raise PushError(
                 f"The Hub refused the push to {repo_id!r} (HTTP {status}): log in with `hf auth login` or pass a "
                 f"token with write access (`--hub_token` in the training scripts, token= here).\n{hint}"
             ) from error
-        raise RuntimeError(f"Pushing to {repo_id!r} failed: {error}\n{hint}") from error
+        raise PushError(f"Pushing to {repo_id!r} failed: {error}\n{hint}") from error
     except _network_errors() as error:
-        raise RuntimeError(
+        raise PushError(
             f"Cannot reach the Hub at {endpoint} ({type(error).__name__}: {error}).\n{hint}"
         ) from error
     return str(getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or repo_url)
