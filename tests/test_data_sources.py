@@ -130,6 +130,16 @@ def test_webdataset_shards_folder_and_glob(tmp_path, cache):
     assert len(only.train) == 3
 
 
+def test_arrow_folder_written_by_save_to_disk(tmp_path, cache):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    datasets.Dataset.from_dict({"image": [{"bytes": _encoded(i), "path": None} for i in range(4)],
+                                "label": [0, 1, 1, 0]}, features=features).save_to_disk(str(tmp_path / "saved"))
+    splits = load_image_splits(train_file=str(tmp_path / "saved"), cache_dir=cache)  # its .json files are metadata
+    assert len(splits.train) == 4 and splits.id2label == {0: "a", 1: "b"} and splits.train["label"][:] == [0, 1, 1, 0]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Folder labels
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,12 +214,18 @@ def test_knn_sets_in_each_case(tmp_path, nested_folder, cache):
     only_eval = load_image_splits(train_dir=unlabelled, validation_file=labelled, cache_dir=cache).knn_sets()
     assert (len(only_eval.memory), len(only_eval.queries)) == (27, 3) and "validation file" in only_eval.note
 
+    memory, queries = only_eval.view_datasets(load_image_splits(train_dir=unlabelled, validation_file=labelled,
+                                                                cache_dir=cache))
+    assert (len(memory), len(queries)) == (27, 3) and set(memory[0]) == {"pixel_values", "labels", "index"}
+
     capped = load_image_splits(train_file=labelled, cache_dir=cache).knn_sets(max_queries=2)
     assert len(capped.queries) == 2 and len(capped.memory) == 28
 
     off = load_image_splits(train_dir=unlabelled, cache_dir=cache).knn_sets()
     assert not off.enabled and off.memory is None and off.note.startswith("kNN monitor off: no labelled data")
     assert "--validation_file" in off.note
+    with pytest.raises(ValueError, match="kNN monitor off"):
+        off.view_datasets(load_image_splits(train_dir=unlabelled, cache_dir=cache))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -92,7 +92,8 @@ def test_two_ranks_are_disjoint_and_cover_every_key_once_per_epoch(even_shards):
             assert not set(seen[0]) & set(seen[1])
             assert sorted(seen[0] + seen[1]) == expected
             assert [len(s) // B for s in seen] == [loaders[0].batches_per_epoch(r, epoch) for r in range(2)]
-        assert loaders[0].steps_in_epoch(0) == min(loaders[0].batches_per_epoch(r, 0) for r in range(2))
+        assert loaders[0].steps_in_epoch(0) == min(loaders[0].batches_per_epoch(r, 0) for r in range(2)) == 12
+        assert loaders[1].total_steps(2) == 24 and len(loaders[1]) == 12
 
 
 def test_round_robin_model_matches_torch_workers(uneven_shards):
@@ -146,6 +147,11 @@ def test_resume_checks_the_run_and_keeps_the_lane_count(even_shards):
         stream.loader(8, transform=TRANSFORM).load_state_dict(state)
     with pytest.raises(ValueError, match=r"number of processes 1, this run has 2"):
         stream.loader(B, transform=TRANSFORM, world_size=2).load_state_dict(state)
+    finished = stream.loader(B, transform=TRANSFORM)
+    _epoch(finished, 3)
+    after = stream.loader(B, transform=TRANSFORM)
+    after.load_state_dict(finished.state_dict())  # saved after the last batch of epoch 3: resumes at epoch 4
+    assert after.epoch == 4 and after.state.batches == 0
 
 
 def test_views_follow_the_per_sample_seeding(even_shards):
@@ -272,6 +278,12 @@ def test_bad_images_and_shards_in_a_stream(tmp_path):
     skipped = _epoch(open_stream(train_file=folder, on_bad_image="skip").loader(B, transform=TRANSFORM,
                                                                                 num_workers=2), 0)
     assert sum(int(b["bad_images"]) for b in skipped) == 1 and all(b["index"].shape == (B,) for b in skipped)
+    opened = open_stream(train_file=folder)
+    (tmp_path / "bad" / "part-0.parquet").rename(tmp_path / "moved.parquet")  # gone after the stream was opened
+    with pytest.raises(DataError, match=r"parquet shard 'part-0\.parquet' \(row group \d\) cannot be read: "
+                                        r"FileNotFoundError"):
+        _epoch(opened.loader(B, transform=TRANSFORM, num_workers=2), 0)  # raised in a worker: no hang
+    (tmp_path / "moved.parquet").rename(tmp_path / "bad" / "part-0.parquet")
     (tmp_path / "bad" / "part-2.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=r"parquet shard 'part-2\.parquet' cannot be read"):
         open_stream(train_file=folder)
@@ -315,7 +327,7 @@ def test_streaming_an_uncached_hub_id_offline_says_what_to_pass(tmp_path, monkey
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "home" / "hub"))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "home" / "datasets")
-    with pytest.raises(ValueError, match=r"--streaming 'uoft-cs/cifar10': offline mode is on .*--train_file with parquet"):
+    with pytest.raises(ValueError, match=r"--streaming 'uoft-cs/cifar10': offline mode is on .*--train_file with"):
         load_image_splits(dataset_name="cifar10", streaming=True, cache_dir=str(tmp_path / "cache"))
 
 

@@ -11,8 +11,8 @@
 * :class:`ImageStream` / :class:`StreamLoader` (:mod:`.streaming`, :mod:`.lanes`, :mod:`.shards`) stream shards
   with an order derived from (seed, epoch) alone and exact resume.
 
-Imports run one way: images <- transforms <- views <- augment; images <- folders, webdataset <- sources <- shards
-<- lanes <- streaming; sources, folders, views <- splits <- loading <- cli.
+Imports run one way: each module imports only modules listed before it in images, transforms, views, augment,
+folders, webdataset, sources, shards, lanes, streaming, splits, loading, cli (and ``..network``).
 """
 
 from .augment import BatchAugmenter

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -134,12 +135,13 @@ def describe(value: Any, where: str) -> str:
     return where
 
 
-def decode_image(value: Any, where: str) -> PILImage.Image:
-    """Decode to an RGB image (:func:`to_rgb`); :class:`BadImageError` naming ``where`` (and the file) when the
-    value cannot be decoded."""
+def decode_image(value: Any, where: str | Callable[[], str]) -> PILImage.Image:
+    """Decode to an RGB image (:func:`to_rgb`); :class:`BadImageError` naming ``where`` (a string, or a callable
+    giving it, for streams that name a row only when it is bad) and the file when the value cannot be decoded."""
     try:
         return to_rgb(_open(value))
     except Exception as error:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        where = where() if callable(where) else where
         if isinstance(error, PILImage.UnidentifiedImageError):
             reason = "not a file format PIL can read"
         else:
@@ -147,7 +149,7 @@ def decode_image(value: Any, where: str) -> PILImage.Image:
         raise BadImageError(f"cannot decode the image of {describe(value, where)}: {reason}") from error
 
 
-def decode_or_skip(value: Any, where: str, on_bad_image: str) -> PILImage.Image | None:
+def decode_or_skip(value: Any, where: str | Callable[[], str], on_bad_image: str) -> PILImage.Image | None:
     """:func:`decode_image`, or None for a bad image when ``on_bad_image == "skip"``."""
     try:
         return decode_image(value, where)

@@ -6,8 +6,8 @@ Epoch ``e`` of rank ``r`` of ``W``, with ``L`` lanes and batch size ``B``:
 1. files are permuted by ``(seed, e)``, then the units within each file; the unit list is dealt round-robin to the
    ranks (rank ``r`` takes units ``r, r + W, ...``: each unit is read by exactly one rank), then to the lanes;
 2. a lane reads its units in windows of ``mix_units`` units and yields the window's rows in a permutation seeded by
-   ``(seed, e, window)``: rows of neighbouring row groups (or image-file chunks) get mixed, with only one window in
-   memory; a ``.tar`` shard is read in order, since it cannot be read at random;
+   ``(seed, e, window)``: rows of several row groups get mixed, with only one window in memory; an image folder's
+   lane is one window (its rows are paths); a ``.tar`` shard is read in order, since it cannot be read at random;
 3. a lane yields only full batches of ``B`` samples (rows after its last full batch wait for another epoch);
 4. the rank's batches are lane 0's first batch, lane 1's first, ..., lane 0's second, ..., skipping lanes that ran
    out: the order a torch DataLoader gives when worker ``i`` runs lane ``i`` (it round-robins its workers and skips
@@ -18,6 +18,7 @@ A resumed lane passes over the rows it had consumed without reading their images
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -149,12 +150,16 @@ def plan_epoch(source: StreamSource, keep: Sequence[np.ndarray | None], epoch: i
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _window_rows(plan: EpochPlan, lane: int) -> Iterator[tuple[int, str, str, Any, Any]]:
+def _window_rows(plan: EpochPlan, lane: int) -> Iterator[tuple[int, str, Callable[[], str], Any, Any]]:
     """``(rows consumed, key, where, encoded image, label)`` of a parquet/folder lane, window by window, after its
-    skip."""
+    skip (``where`` names the row for messages, lazily).
+
+    An image folder's lane is one window: its rows are file paths, so mixing them all costs no image memory.
+    """
     units, skip, done = plan.lane_units[lane], plan.skips[lane], 0
-    for first in range(0, len(units), plan.mix_units):
-        window = units[first:first + plan.mix_units]
+    width = max(1, len(units)) if plan.source.kind == "folder" else plan.mix_units
+    for first in range(0, len(units), width):
+        window = units[first:first + width]
         sizes = [plan.count(u) for u in window]
         total = sum(sizes)
         if done + total <= skip:  # consumed before the resume point: not even read
@@ -165,19 +170,21 @@ def _window_rows(plan: EpochPlan, lane: int) -> Iterator[tuple[int, str, str, An
         done = max(done, skip)
         edges = np.cumsum([0] + sizes)
         slots = np.searchsorted(edges, order, side="right") - 1
-        entries: dict[tuple[int, int], tuple[str, str, Any, Any]] = {}
+        keys: dict[int, list[str]] = {}
+        rows: dict[tuple[int, int], tuple[Any, Any]] = {}
         for slot in np.unique(slots).tolist():
             unit, kept = plan.units[window[slot]], plan.keep[window[slot]]
             wanted = order[slots == slot] - edges[slot]
             positions = np.sort(kept[wanted] if kept is not None else wanted).tolist()
-            keys = plan.source.unit_keys(unit)
-            for position, (encoded, label) in zip(positions, plan.source.read_rows(unit, positions)):
-                entries[slot, position] = (keys[position], plan.source.describe(unit, position), encoded, label)
+            keys[slot] = plan.source.unit_keys(unit)
+            rows.update(((slot, p), row) for p, row in zip(positions, plan.source.read_rows(unit, positions)))
         for slot, entry in zip(slots.tolist(), order.tolist()):
-            kept = plan.keep[window[slot]]
+            unit, kept = plan.units[window[slot]], plan.keep[window[slot]]
             position = int(entry - edges[slot])
+            position = int(kept[position]) if kept is not None else position
             done += 1
-            yield (done, *entries.pop((slot, int(kept[position]) if kept is not None else position)))
+            encoded, label = rows.pop((slot, position))
+            yield done, keys[slot][position], functools.partial(plan.source.describe, unit, position), encoded, label
 
 
 def _tar_rows(plan: EpochPlan, lane: int) -> Iterator[tuple[int, str, str, Any, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -158,16 +159,21 @@ def parquet_source(paths: list[str], names: list[str], where: str, image_column:
     import datasets
     import pyarrow.parquet as pq
 
-    units, first_schema, image, label, class_names = [], None, None, None, None
-    for index, (path, name) in enumerate(zip(paths, names)):
+    def footer(path: str, name: str):
         try:
             with open_binary(path) as handle:
                 parquet = pq.ParquetFile(handle)
-                metadata, schema = parquet.metadata, parquet.schema_arrow
+                return parquet.metadata, parquet.schema_arrow
         except DataError:
             raise
         except Exception as error:
             raise DataError(f"parquet shard {name!r} cannot be read: {type(error).__name__}: {error}") from error
+
+    remote = any("://" in p for p in paths)
+    with ThreadPoolExecutor(max_workers=16 if remote else 1) as pool:  # Hub footers: one round trip each
+        footers = list(pool.map(footer, paths, names))
+    units, first_schema, image, label, class_names = [], None, None, None, None
+    for index, (name, (metadata, schema)) in enumerate(zip(names, footers)):
         if first_schema is None:
             first_schema = schema
             features = datasets.Features.from_arrow_schema(schema)

@@ -42,6 +42,8 @@ EVAL_SPLIT_CANDIDATES = ("test", "validation", "valid", "val")
 # File ending -> format; a folder or glob of data files must hold one format only.
 FILE_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".tar": "webdataset"}
 STREAMABLE_FORMATS = ("parquet", "webdataset")
+# The JSON files ``Dataset.save_to_disk`` writes next to its arrow files: metadata, not data.
+SAVED_DATASET_METADATA = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 def hub_id(name: str) -> str:
@@ -129,7 +131,7 @@ def resolve_data_files(spec: str, role: str) -> DataFiles:
     elif os.path.isdir(spec):
         files = sorted(
             os.path.join(folder, name) for folder, _, names in os.walk(spec) for name in names
-            if _format_of(name) is not None and not name.startswith(".")
+            if _format_of(name) is not None and not name.startswith(".") and name not in SAVED_DATASET_METADATA
         )
         root = spec
         if not files:

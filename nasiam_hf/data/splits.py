@@ -27,16 +27,26 @@ KNN_MAX_QUERIES = 10_000  # ... with at most this many queries
 
 @dataclass(frozen=True)
 class KnnSets:
-    """What the kNN monitor runs on: labelled ``memory`` and ``queries`` (both None when it is off) and the line
-    to print, saying which data it uses, or why it is off."""
+    """What the kNN monitor runs on: labelled ``memory`` and ``queries`` (both None when it is off), where they come
+    from, and the line to print, saying which data it uses, or why it is off."""
 
     memory: datasets.Dataset | None
     queries: datasets.Dataset | None
     note: str
+    memory_source: str = ""
+    query_source: str = ""
 
     @property
     def enabled(self) -> bool:
         return self.memory is not None
+
+    def view_datasets(self, splits: ImageSplits) -> tuple[ViewDataset, ViewDataset]:
+        """Un-augmented single-view datasets of the memory and the queries (the "eval" transform of ``splits``)."""
+        if not self.enabled:
+            raise ValueError(self.note)
+        common = dict(transform=splits.transform("eval"), on_bad_image=splits.on_bad_image)
+        return (ViewDataset(self.memory, "single", source=self.memory_source, **common),
+                ViewDataset(self.queries, "single", source=self.query_source, **common))
 
 
 @dataclass
@@ -100,7 +110,7 @@ class ImageSplits:
         if train is not None and evaluation is not None:
             return KnnSets(train, evaluation, f"kNN monitor: memory {len(train)} labelled images of the "
                                               f"{self.train_source}, queries {len(evaluation)} of the "
-                                              f"{self.eval_source}")
+                                              f"{self.eval_source}", self.train_source, self.eval_source)
         lone, source = (evaluation, self.eval_source) if evaluation is not None else (train, self.train_source)
         if lone is None:
             why = ("the streamed training data is not used as kNN memory" if self.streaming and self.train_labelled
@@ -114,7 +124,8 @@ class ImageSplits:
         shuffled = lone.shuffle(seed=seed)
         memory, held_out = shuffled.select(range(queries, len(lone))), shuffled.select(range(queries))
         return KnnSets(memory, held_out, f"kNN monitor: the {source} is the only labelled set: split with seed "
-                                         f"{seed} into memory {len(memory)} and queries {len(held_out)} images")
+                                         f"{seed} into memory {len(memory)} and queries {len(held_out)} images",
+                       source, source)
 
 
 def sample_image_sides(dataset: datasets.Dataset, where: str, seed: int, on_bad_image: str,

@@ -17,6 +17,7 @@ run needs ``max_train_steps`` and must stop every rank as soon as one runs out (
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -222,6 +223,12 @@ class StreamLoader:
         counts = [self.batches_per_epoch(r, epoch) for r in range(self.world_size)]
         return None if any(c is None for c in counts) else min(counts)
 
+    def total_steps(self, num_epochs: int, start_epoch: int = 0) -> int | None:
+        """Steps of ``num_epochs`` epochs from ``start_epoch`` (per-epoch counts can differ a little: each epoch
+        deals the units to the ranks anew); None when the length is unknown."""
+        steps = [self.steps_in_epoch(e) for e in range(start_epoch, start_epoch + num_epochs)]
+        return None if any(s is None for s in steps) else sum(steps)
+
     def __len__(self) -> int:
         steps = self.steps_in_epoch()
         if steps is None:
@@ -240,7 +247,8 @@ class StreamLoader:
                 "seed": self.seed, "shuffle_buffer_size": self.stream.shuffle_buffer_size}
 
     def load_state_dict(self, state: dict) -> list[str]:
-        """Resume from a :meth:`state_dict`; returns the lines to print (lane count kept, inexact resume)."""
+        """Resume from a :meth:`state_dict` (one saved after an epoch's last batch resumes at the next epoch);
+        returns the lines to print (the saved lane count kept, an inexact resume with a shuffle buffer)."""
         for key, mine in (("world_size", self.world_size), ("batch_size", self.batch_size), ("seed", self.seed)):
             if state.get(key) != mine:
                 flag = {"world_size": "number of processes", "batch_size": "--per_device_train_batch_size",
@@ -258,8 +266,11 @@ class StreamLoader:
         if state.get("shuffle_buffer_size") or self.stream.shuffle_buffer_size:
             notes.append("stream resume with --shuffle_buffer_size: the samples that were in the shuffle buffer are "
                          "not replayed, and the order after the resume point differs from an uninterrupted run")
-        self.state = StreamState(int(state["epoch"]), lanes, int(state["batches"]), list(state["lane_batches"]),
-                                 list(state["lane_rows"]), bool(state.get("finished", False)))
+        if state.get("finished"):  # saved after the epoch's last batch: resume at the start of the next one
+            self.state = StreamState.start(int(state["epoch"]) + 1, lanes)
+        else:
+            self.state = StreamState(int(state["epoch"]), lanes, int(state["batches"]), list(state["lane_batches"]),
+                                     list(state["lane_rows"]))
         return notes
 
     def dataset(self) -> datasets.IterableDataset:
@@ -313,8 +324,7 @@ _HF_PREFIX = re.compile(r"^hf://datasets/[^@/]+/[^@/]+(@[^/]+)?/")
 
 
 def _shard_names(paths: Sequence[str], root: str | None) -> list[str]:
-    import os
-
+    """Stable shard names: the path inside the Hub repository, or relative to the dataset folder."""
     names = []
     for path in paths:
         if _HF_PREFIX.match(path):
@@ -343,8 +353,6 @@ def open_stream(dataset_name: str | None = None, dataset_config_name: str | None
     """The training source as an :class:`ImageStream`: a Hub id (or local dataset folder; the split's parquet or
     tar files, resolved without downloading), local parquet / tar shards (a file, folder or glob) or an image
     folder. ``max_train_samples`` keeps a fixed seeded subset."""
-    import os
-
     if dataset_name is not None:
         where = f"split {train_split!r} of {dataset_name!r}"
         split_files = hub_split_files(dataset_name, dataset_config_name, cache_dir)

@@ -13,7 +13,7 @@ NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, f
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    # Computed once with `_build_demo_splits()`: per-channel mean/std of the 1,497 train images after the 32x32 RGB
+    # Computed once with `sources.demo_splits()`: per-channel mean/std of the 1,497 train images after the 32x32 RGB
     # upscaling, pixels scaled to [0, 1] (numpy over all pixels: mean 0.30567, std 0.32356; grey, so equal channels).
     "demo": ((0.3057, 0.3057, 0.3057), (0.3236, 0.3236, 0.3236)),
 }
