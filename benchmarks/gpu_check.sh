@@ -88,7 +88,7 @@ if ((${#missing[@]} > 0)); then
     echo "      --platform manylinux_2_28_x86_64 -d $wheels ${missing[*]}" >&2
     exit 3
 fi
-"$PYTHON" -c "import nasiam_hf, nasiam_hf.augment" || { echo "gpu_check: nasiam_hf does not import" >&2; exit 3; }
+"$PYTHON" -c "import nasiam_hf, nasiam_hf.data.augment" || { echo "gpu_check: nasiam_hf does not import" >&2; exit 3; }
 
 # ---- 2. the machine --------------------------------------------------------------------------------------------------
 "$PYTHON" - <<'PY' >&2

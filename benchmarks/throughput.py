@@ -395,7 +395,7 @@ def time_loader(loader, device: torch.device, memory: Memory, after=None) -> dic
 
 
 def bench_data(args) -> dict:
-    from nasiam_hf.augment import BatchAugmenter
+    from nasiam_hf.data.augment import BatchAugmenter
     from nasiam_hf.data import (
         NORMALIZATION, ViewDataset, build_decode_transform, build_transform, default_num_workers, make_loader,
     )

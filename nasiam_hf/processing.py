@@ -23,13 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .data import NORMALIZATION, resize_edge
+from .data.transforms import NORMALIZATION, resize_edge
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import BitImageProcessor
 
     from .configuration_nasiam import NASiamConfig
-    from .data import ImageSplits
+    from .data.splits import ImageSplits
 
 # Statistics used when nothing better is known (e.g. a model converted from a torchvision state dict).
 DEFAULT_STATS = {"cifar": NORMALIZATION["cifar10"], "imagenet": NORMALIZATION["imagenet"]}

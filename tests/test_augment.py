@@ -1,4 +1,5 @@
-"""The batched on-device augmentation ops of nasiam_hf.augment, one by one (against torchvision where it has the op)."""
+"""The batched on-device augmentation ops of nasiam_hf.data.augment, one by one (against torchvision where it has
+the op)."""
 
 import math
 import random
@@ -8,7 +9,7 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from nasiam_hf import augment as A
+from nasiam_hf.data import augment as A
 
 
 def images(batch=6, size=12, seed=0):

@@ -89,7 +89,8 @@ def test_img_label_parquet_detected_and_standardised(tmp_path, cache):
     assert splits.num_labels == 3 and splits.id2label == {0: "c0", 1: "c1", 2: "c2"}
     assert splits.eval is None
     assert splits.name == "train.parquet"
-    assert (splits.policy, splits.image_size) == ("cifar", SIZE)  # detected from the first image
+    assert (splits.policy, splits.image_size) == ("cifar", 32)  # the CIFAR policy's size, from a sample of images
+    assert "image size 32 (CIFAR policy): median longest side of 12 sampled images is 8 px" in splits.notes
     assert (splits.mean, splits.std) == NORMALIZATION["cifar10"]
     first = splits.train[0]["image"]
     assert first.size == (SIZE, SIZE)
@@ -133,8 +134,10 @@ def test_missing_columns_name_columns_and_flag(tmp_path, cache):
     assert "--image_column" in str(info.value) and "'pixels'" in str(info.value) and "'label'" in str(info.value)
 
     no_label = _write_plain_parquet(tmp_path / "no_label.parquet", {"img": [_png((1, 2, 3))] * 2, "target": [0, 1]})
-    with pytest.raises(ValueError) as info:
-        load_image_splits(train_file=no_label, cache_dir=cache)
+    unlabelled = load_image_splits(train_file=no_label, cache_dir=cache)  # fine for search / pretraining
+    assert unlabelled.train.column_names == ["image", "index"] and not unlabelled.train_labelled
+    with pytest.raises(ValueError) as info:  # linear evaluation and fine-tuning ask for labels
+        load_image_splits(train_file=no_label, cache_dir=cache, require_labels=True)
     message = str(info.value)
     assert "--label_column" in message and "'target'" in message and "need labels" in message
 
@@ -224,19 +227,24 @@ def test_cifar_subset_max_samples_is_shuffled(cifar_subset, cache):
     assert again.train["index"][:] == indices and other.train["index"][:] != indices
 
 
-def test_eval_split_detection_skips_unlabelled_test_split():
-    from nasiam_hf.data import _pick_eval_split
-
-    def part(labels):
-        return datasets.Dataset.from_dict({"image": [_png((0, 0, 0))] * len(labels), "label": labels})
-
-    splits = datasets.DatasetDict({"train": part([0, 1]), "test": part([-1, -1]), "validation": part([1, 0])})
-    assert _pick_eval_split(splits, None, "train", None, "x") == "validation"  # ImageNet's test split is all -1
-    labelled = datasets.DatasetDict({"train": part([0, 1]), "test": part([0, 1]), "validation": part([1, 0])})
-    assert _pick_eval_split(labelled, None, "train", None, "x") == "test"
-    assert _pick_eval_split(datasets.DatasetDict({"train": part([0])}), None, "train", None, "x") is None
-    with pytest.raises(ValueError, match=r"'dev'.*--eval_split.*'train', 'test', 'validation'"):
-        _pick_eval_split(splits, "dev", "train", None, "x")
+def test_dataset_folder_loads_only_train_and_the_first_labelled_eval_split(tmp_path, cache):
+    """A dataset id resolves its splits' files first, then downloads only the train split and eval candidates in
+    order: ImageNet-like, the test split is all -1 (skipped), and a broken extra split is never read."""
+    folder = tmp_path / "dataset" / "data"
+    folder.mkdir(parents=True)
+    labels = {"train": [0, 1, 0, 1], "test": [-1, -1], "validation": [1, 0, 1]}
+    for split, values in labels.items():
+        _write_plain_parquet(folder / f"{split}-00000-of-00001.parquet",
+                             {"image": [_noise_png(i) for i in range(len(values))], "label": values})
+    (folder / "extra-00000-of-00001.parquet").write_bytes(b"not parquet")
+    splits = load_image_splits(dataset_name=str(tmp_path / "dataset"), cache_dir=cache)
+    assert (len(splits.train), len(splits.eval)) == (4, 3) and splits.eval["label"][:] == [1, 0, 1]
+    assert splits.eval_source == f"split 'validation' of {str(tmp_path / 'dataset')!r}"
+    assert any("split 'test'" in note and "no labels" in note for note in splits.notes)
+    assert load_image_splits(dataset_name=str(tmp_path / "dataset"), cache_dir=cache, eval_split="test").eval_labelled \
+        is False  # an explicit split is taken as it is
+    with pytest.raises(ValueError, match=r"'dev'.*--eval_split.*'train'"):
+        load_image_splits(dataset_name=str(tmp_path / "dataset"), cache_dir=cache, eval_split="dev")
 
 
 def test_offline_hub_id_error_mentions_local_alternatives(tmp_path, monkeypatch):

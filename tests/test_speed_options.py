@@ -15,7 +15,7 @@ from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
 from nasiam_hf import NASiamConfig
-from nasiam_hf.augment import BatchAugmenter
+from nasiam_hf.data.augment import BatchAugmenter
 from nasiam_hf.data import (
     ViewDataset, build_decode_transform, build_transform, collate_views, load_image_splits, make_loader,
     set_loader_epoch,

@@ -1,7 +1,7 @@
 """Random two-view augmentation of whole uint8 batches on the accelerator, seeded per sample.
 
-The per-image path (:func:`~.data.build_transform` inside :class:`~.data.ViewDataset`) runs torchvision v2 on one PIL
-image at a time in the data loader. Here the loader only decodes (``ViewDataset(mode="decode")`` serves uint8
+The per-image path (:func:`~.transforms.build_transform` inside :class:`~.views.ViewDataset`) runs torchvision v2 on
+one PIL image at a time in the data loader. Here the loader only decodes (``ViewDataset(mode="decode")`` serves uint8
 ``(B, 3, S, S)`` images with their ``index`` and ``epoch``) and :class:`BatchAugmenter` draws the views for the whole
 batch at once, on whatever device the batch is on, with plain vectorised torch code (no kornia).
 
@@ -9,7 +9,7 @@ Randomness. Every random number of a view is a counter-based hash of ``(seed, ep
 on the device (:func:`uniforms`): no generator state, no host round-trip, and a sample's views depend on nothing
 but those integers, so they are identical whatever batch, rank or worker the sample lands in, and a resumed run
 draws exactly the views the uninterrupted one would have. The numbers differ from the per-image path's draws (that
-path seeds torch's CPU generator with :func:`~.data.view_seed`), so the two paths give different views of the same
+path seeds torch's CPU generator with :func:`~.views.view_seed`), so the two paths give different views of the same
 distribution, not the same views.
 
 The "ssl" policy follows ``build_transform("ssl", ...)`` step by step, per sample:
@@ -39,7 +39,8 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
-from .data import POLICIES, TRANSFORM_KINDS, blur_kernel_size, decode_size, view_key
+from .transforms import POLICIES, TRANSFORM_KINDS, blur_kernel_size, decode_size
+from .views import view_key
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 _M32 = 0xFFFFFFFF
