@@ -26,6 +26,7 @@ import torch
 
 from .arguments import FinetuneCommand
 from .checkpoints import Checkpointer
+from .feeds import LoaderFeed
 from .fileio import atomic_write_json, read_json, staged_files
 from .folders import require_model
 from .processing import image_processor_for_splits
@@ -120,18 +121,19 @@ def classification_step(model, batches: list[dict], optimizer, scheduler, accele
 
 def run_finetune(command: FinetuneCommand) -> Path:
     """Fine-tune ``--model_name_or_path`` on the labelled data; the classifier folder is ``--output_dir``."""
-    from .data import make_loader, view_dataset_for
-    from .data_loading import load_splits
+    from .data import load_splits, make_loader, view_dataset_for
     from .hub.push import checkpoint_pusher, push_run_folder
     from .plans import plan_finetune
 
     run, data, speed = command.run, command.data, command.speed
-    command.data.require_source()
+    if data.streaming:
+        raise ValueError("--streaming is not supported by nasiam-finetune: it needs the labelled set as a dataset; "
+                         "pass the data without --streaming")
     require_model(command.model.model_name_or_path, purpose="fine-tuning")
     accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
                                    command.optimization.gradient_accumulation_steps)
     output = guard_output(command, accelerator)
-    splits = load_splits(data, run.seed)
+    splits = load_splits(data, run.seed, require_labels=True)
     plan = plan_finetune(command, accelerator.num_processes)
     opt = plan.optimization
     model = load_classifier(command.model.model_name_or_path, splits.num_labels, splits.id2label, splits.label2id)
@@ -173,10 +175,10 @@ def run_finetune(command: FinetuneCommand) -> Path:
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    steps_per_epoch = len(train_loader) // opt.accumulation
-    total_steps = opt.total_steps(steps_per_epoch)
+    train_feed = LoaderFeed(train_loader, accelerator, opt.accumulation)
+    total_steps = opt.total_steps(train_feed)
     scheduler = accelerator.prepare(
-        build_cosine_schedule(optimizer, accelerator, opt.warmup_epochs, steps_per_epoch, total_steps)
+        build_cosine_schedule(optimizer, accelerator, opt.warmup_epochs, train_feed.updates_in_epoch(0), total_steps)
     )
     start_tracking(accelerator, command, "nasiam-finetune")
 
@@ -212,8 +214,9 @@ def run_finetune(command: FinetuneCommand) -> Path:
         timer["start"] = time.perf_counter()
 
     pusher = checkpoint_pusher(command.hub) if accelerator.is_main_process else None
-    loop = StepLoop(accelerator, train_loader, state, total_steps, checkpointer, run.checkpoint_every, on_epoch_end,
-                    desc="finetune", accumulation=opt.accumulation, after_save=pusher.submit if pusher else None)
+    loop = StepLoop(accelerator, train_feed, state, total_steps, checkpointer, run.checkpoint_every, on_epoch_end,
+                    desc="finetune", after_save=pusher.submit if pusher else None,
+                    epochs=None if opt.max_train_steps else opt.epochs)
     model.train()
     for epoch, batches in loop:
         where = f"epoch {epoch}, step {state['global_step'] + 1}"

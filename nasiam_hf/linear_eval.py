@@ -49,8 +49,7 @@ def refresh_model_card(folder: Path, config, eval_results: dict, dataset_name: s
 
 def run_linear_eval(command: LinearEvalCommand) -> dict:
     """Linear probe (and kNN) on the frozen backbone features of a saved model; results to ``eval_results.json``."""
-    from .data import make_loader, view_dataset_for
-    from .data_loading import load_splits
+    from .data import load_splits, make_loader, view_dataset_for
     from .evaluation import (
         LinearProbeConfig, evaluate_classifier, extract_features, fit_probe_batch, knn_accuracy, knn_neighbourhood,
         train_linear_probe, train_linear_probe_on_images,
@@ -72,7 +71,8 @@ def run_linear_eval(command: LinearEvalCommand) -> dict:
     accelerator = make_accelerator(str(output_dir), run.seed, command.precision, command.tracking)
     model = load_for_evaluation(model_path)
     # evaluate at the resolution the model was trained at, unless told otherwise
-    splits = load_splits(data, run.seed, image_size=data.image_size or model.config.image_size)
+    splits = load_splits(data, run.seed, image_size=data.image_size or model.config.image_size,
+                         require_labels=True)
     if splits.eval is None:
         raise ValueError(
             f"{splits.name!r} has no evaluation split: pass --validation_file or --validation_dir (or --eval_split)"

@@ -89,13 +89,18 @@ def cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def build_cosine_schedule(optimizer, accelerator: Accelerator, warmup_epochs: float, steps_per_epoch: int,
+def build_cosine_schedule(optimizer, accelerator: Accelerator, warmup_epochs: float, steps_per_epoch: int | None,
                           total_steps: int, fixed_groups: tuple[int, ...] = ()):
     """Warmup + cosine over ``total_steps`` optimizer updates for every param group except ``fixed_groups``.
 
     Accelerate steps a prepared scheduler once per process for every optimiser update, hence the counts multiplied
-    by the number of processes.
+    by the number of processes. ``steps_per_epoch`` None (a stream of unknown length) allows no warm-up in epochs.
     """
+    if steps_per_epoch is None:
+        if warmup_epochs:
+            raise ValueError("--num_warmup_epochs needs a known epoch length; the streamed data's is unknown: "
+                             "drop the warm-up or count the shards")
+        steps_per_epoch = 0
     n = accelerator.num_processes
     warmup, total = int(warmup_epochs * steps_per_epoch) * n, total_steps * n
     lambdas = [

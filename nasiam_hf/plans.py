@@ -76,13 +76,17 @@ class OptimizationPlan:
         return (f"{batch}, effective lr {self.lr:.4g} (= {self.base_lr} x {self.global_batch}/256), weight decay "
                 f"{self.weight_decay:g}" + (f", recipe {self.recipe}" if self.recipe else ""))
 
-    def total_steps(self, steps_per_epoch: int | None) -> int:
-        """Optimizer updates of the whole run: ``--max_train_steps``, else epochs x updates per epoch."""
+    def total_steps(self, feed) -> int:
+        """Optimizer updates of the whole run: ``--max_train_steps``, else the updates of the epochs of ``feed``
+        (:mod:`nasiam_hf.feeds`)."""
         if self.max_train_steps is not None:
             return self.max_train_steps
-        if steps_per_epoch is None or self.epochs is None:
-            raise ValueError("the length of this run is unknown: pass --max_train_steps")
-        return self.epochs * steps_per_epoch
+        total = feed.total_updates(self.epochs) if self.epochs is not None else None
+        if total is None:
+            raise ValueError("the length of the streamed training data is unknown (its shards are not counted): "
+                             "pass --max_train_steps (optimizer updates), and --knn_every / --checkpointing_steps "
+                             "in steps ('500steps', '1000') if you want them")
+        return total
 
 
 def optimization_plan(opt: OptimizationArguments, num_processes: int, recipe: str | None, *, batch_size: int,

@@ -17,9 +17,10 @@ from .modeling_nasiam import NASiamForPreTraining
 from .optimization import build_cosine_schedule, build_sgd, momentum_for_step, predictor_param_groups, weight_step
 from .plans import PretrainPlan, check_pretrain_flags, plan_pretrain
 from .processing import image_processor_for_splits
+from .feeds import num_samples, view_feed
 from .trainer import (
-    DeviceSums, StepLoop, check_finite, due, guard_output, make_accelerator, mean_over_ranks, prepare_model_layout,
-    start_tracking,
+    DeviceSums, StepLoop, bad_image_count, check_finite, describe_count, due, guard_output, make_accelerator,
+    mean_over_ranks, prepare_model_layout, report_bad_images, restore_positions, start_tracking,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,40 +50,36 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
 
     Returns the trained model (unwrapped; the model folder is ``command.run.output_dir``).
     """
-    from .data import make_loader, view_dataset_for
-    from .data_loading import load_splits
+    from .data import load_splits, make_loader
     from .evaluation import KNNNeighbourhoodWarning, evaluate_knn
     from .hub.push import checkpoint_pusher, push_run_folder
     from .search import mean_loss
 
     check_pretrain_flags(command)
-    command.data.require_source()
     run, data, speed, monitor = command.run, command.data, command.speed, command.monitor
     accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
                                    command.optimization.gradient_accumulation_steps)
     output = guard_output(command, accelerator)
     splits = load_splits(data, run.seed)
+    for note in splits.notes:
+        accelerator.print(note)
     plan = plan_pretrain(command, splits.policy, splits.image_size, accelerator.num_processes)
     opt = plan.optimization
     config = NASiamConfig(**plan.config)
-    batch, workers = opt.per_device_batch, data.dataloader_num_workers
     on_device = speed.augmentation_device == "accelerator"
-    # on the device: the loader only decodes, and the views are drawn per batch, seeded per sample
-    make_views = splits.batch_augmenter("eval" if data.no_augmentation else "ssl", run.seed) if on_device else None
-    train_loader = make_loader(view_dataset_for(splits, "train", "ssl", seed=run.seed,
-                                                augment=not data.no_augmentation,
-                                                mode="decode" if on_device else None),
-                               batch, shuffle=True, seed=run.seed, drop_last=True, num_workers=workers)
-    knn_loaders = None
-    knn_every = monitor.every
-    if knn_every is not None and splits.eval is not None:
-        eval_batch = command.optimization.per_device_eval_batch_size
-        knn_loaders = (
-            make_loader(view_dataset_for(splits, "train", "eval"), eval_batch, shuffle=False, num_workers=workers),
-            make_loader(view_dataset_for(splits, "eval", "eval"), eval_batch, shuffle=False, num_workers=workers),
-        )
-    elif knn_every is not None:
-        accelerator.print("no evaluation split found: the kNN monitor is off (pass --validation_file/--validation_dir)")
+    source = splits.stream if splits.streaming else splits.train
+    train_feed, make_views = view_feed(accelerator, splits, source, batch_size=opt.per_device_batch, seed=run.seed,
+                                       on_device=on_device, augment=not data.no_augmentation,
+                                       workers=data.dataloader_num_workers, accumulation=opt.accumulation)
+    knn_every, knn_loaders = monitor.every, None
+    if knn_every is not None:  # labelled data when some is given; a seeded split of a lone labelled set; else off
+        knn_sets = splits.knn_sets(run.seed)
+        accelerator.print(knn_sets.note)
+        if knn_sets.enabled:
+            eval_batch = command.optimization.per_device_eval_batch_size
+            knn_loaders = accelerator.prepare(*(make_loader(views, eval_batch, shuffle=False,
+                                                            num_workers=data.dataloader_num_workers)
+                                                for views in knn_sets.view_datasets(splits)))
 
     model = prepare_model_layout(NASiamForPreTraining(config), accelerator, command.precision.channels_last,
                                  speed.torch_compile)
@@ -92,57 +89,70 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
         f"pretrain: {config.framework} / {config.backbone} ({'CIFAR stem' if config.cifar_stem else 'ImageNet stem'}), "
         f"projector {config.genotype('projector')}"
         + (f", predictor {config.genotype('predictor')}" if config.has_predictor else "")
-        + f"; {len(splits.train)} images, {opt.describe()}" + (", fixed predictor lr" if fixed_groups else "")
+        + f"; {describe_count(num_samples(source))} images, {opt.describe()}"
+        + (", fixed predictor lr" if fixed_groups else "")
     )
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if knn_loaders is not None:
-        knn_loaders = accelerator.prepare(*knn_loaders)
-    steps_per_epoch = len(train_loader) // opt.accumulation
-    total_steps = opt.total_steps(steps_per_epoch)
-    scheduler = accelerator.prepare(
-        build_cosine_schedule(optimizer, accelerator, opt.warmup_epochs, steps_per_epoch, total_steps, fixed_groups)
-    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    total_steps = opt.total_steps(train_feed)
+    scheduler = accelerator.prepare(build_cosine_schedule(
+        optimizer, accelerator, opt.warmup_epochs, train_feed.updates_in_epoch(0), total_steps, fixed_groups))
     core = accelerator.unwrap_model(model)
     start_tracking(accelerator, command, "nasiam-pretrain")
 
     checkpointer = Checkpointer(accelerator, run.output_dir, run.checkpoints_total_limit, model=core,
                                 image_processor=image_processor_for_splits(splits),
                                 before_first_save=output.write_record)
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "running": [0.0, 0.0, 0], "low_collapse_epochs": 0,
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "running": [0.0, 0.0, 0.0, 0],
+             "low_collapse_epochs": 0,
              "history": {"epochs": [], "collapse_reference": config.collapse_floor, "framework": config.framework}}
     state = checkpointer.resume(output.resume_from, state)
+    restore_positions(state, {"train": train_feed})
     watch = CollapseWatch(config.collapse_floor, command.pretrain.collapse_threshold,
                           command.pretrain.collapse_patience)
     watch.low = state["low_collapse_epochs"]
     output_dir = Path(run.output_dir)
     timer = {"start": time.perf_counter(), "steps": 0}
 
-    sums = DeviceSums(2)  # loss and collapse std of the updates not yet folded into state["running"]
+    sums = DeviceSums(3)  # loss, collapse std and bad images of the updates not yet folded into state["running"]
 
     def fold_sums() -> list[float] | None:
         return sums.fold_into(state["running"])
 
+    noted = []  # the kNN neighbourhood warning is printed once per run
+
+    def knn_accuracy() -> dict[str, float]:
+        """The kNN monitor now: ``{"knn_top1": ..., "knn_top5": ..., "knn_k": ...}``."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", KNNNeighbourhoodWarning)
+            knn = evaluate_knn(core.nasiam.backbone, *knn_loaders, accelerator, splits.num_labels,
+                               k=monitor.knn_k, temperature=monitor.knn_temperature)
+        if caught and not noted:
+            accelerator.print(f"warning: {caught[0].message}")
+            noted.append(True)
+        model.train()
+        return {f"knn_{key}": value for key, value in knn.items()}
+
+    def knn_at_step(step: int) -> None:
+        """``--knn_every Nsteps``: the monitor every N updates, recorded in ``history["knn_steps"]``."""
+        result = {"step": step, **knn_accuracy()}
+        state["history"].setdefault("knn_steps", []).append(result)
+        accelerator.print(f"step {step}: kNN top-1 {result['knn_top1']:.2f}%")
+
     def on_epoch_end(epoch: int) -> None:
         fold_sums()
         running = state["running"]
-        steps = max(running[2], 1)
+        steps = max(running[-1], 1)
         loss, collapse = mean_over_ranks(accelerator, [running[0] / steps, running[1] / steps])
         elapsed = time.perf_counter() - timer["start"]
         record = {"epoch": epoch, "loss": loss, "collapse_std": collapse, "lr": scheduler.get_last_lr()[0],
                   "images_per_second": timer["steps"] * opt.global_batch / max(elapsed, 1e-9)}
         last_epoch = state["global_step"] >= total_steps
-        if knn_loaders is not None and (due(knn_every, state["global_step"], epoch, True) or last_epoch):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", KNNNeighbourhoodWarning)
-                knn = evaluate_knn(core.nasiam.backbone, *knn_loaders, accelerator, splits.num_labels,
-                                   k=monitor.knn_k, temperature=monitor.knn_temperature)
-            for warning in caught[:1] if not timer.get("knn_noted") else ():  # once per run, as one line
-                accelerator.print(f"warning: {warning.message}")
-                timer["knn_noted"] = True
-            record.update({f"knn_{key}": value for key, value in knn.items()})
-            model.train()
+        if knn_loaders is not None and (last_epoch or (knn_every[0] == "epochs"
+                                                       and due(knn_every, state["global_step"], epoch, True))):
+            record.update(knn_accuracy())
+        report_bad_images(accelerator, record, running[2], epoch)
         state["history"]["epochs"].append(record)
-        state["running"] = [0.0, 0.0, 0]
+        state["running"] = [0.0, 0.0, 0.0, 0]
         watch.update(collapse, accelerator)
         state["low_collapse_epochs"] = watch.low
         accelerator.print(
@@ -156,18 +166,21 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
         timer.update(start=time.perf_counter(), steps=0)
 
     pusher = checkpoint_pusher(command.hub) if accelerator.is_main_process else None
-    loop = StepLoop(accelerator, train_loader, state, total_steps, checkpointer, run.checkpoint_every, on_epoch_end,
-                    desc="pretrain", before_save=fold_sums, accumulation=opt.accumulation,
-                    after_save=pusher.submit if pusher else None)
+    loop = StepLoop(accelerator, train_feed, state, total_steps, checkpointer, run.checkpoint_every, on_epoch_end,
+                    desc="pretrain", before_save=fold_sums, after_save=pusher.submit if pusher else None,
+                    epochs=None if opt.max_train_steps else opt.epochs)
     model.train()
     for epoch, batches in loop:
         where = f"epoch {epoch}, step {state['global_step'] + 1}"
+        bad = bad_image_count(batches)
         if make_views is not None:
             batches = [make_views(b) for b in batches]
         momentum = momentum_for_step(config, state["global_step"], total_steps)
         outs = weight_step(model, batches, optimizer, scheduler, accelerator, momentum,
                            guard=lambda loss: check_finite(loss, where, checkpointer), max_grad_norm=opt.max_grad_norm)
-        sums.add(mean_loss(outs), outs[-1].collapse_std)
+        sums.add(mean_loss(outs), outs[-1].collapse_std, bad)
+        if knn_loaders is not None and knn_every[0] == "steps" and (state["global_step"] + 1) % knn_every[1] == 0:
+            knn_at_step(state["global_step"] + 1)
         timer["steps"] += 1
         if (state["global_step"] + 1) % run.logging_steps == 0:
             means = fold_sums()

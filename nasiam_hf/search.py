@@ -9,6 +9,7 @@ hand them to the model in channels_last when the model was prepared that way (:f
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -29,10 +30,11 @@ from .search_methods import (
     derive_genotype, genotype_shares,
 )
 from .checkpoints import Checkpointer
+from .feeds import cycle_batches, num_samples, view_feed
 from .processing import image_processor_for_splits
 from .trainer import (
-    DeviceSums, StepLoop, check_finite, guard_output, make_accelerator, mean_over_ranks, prepare_model_layout,
-    start_tracking,
+    DeviceSums, StepLoop, bad_image_count, check_finite, describe_count, guard_output, make_accelerator,
+    mean_over_ranks, prepare_model_layout, report_bad_images, restore_positions, start_tracking,
 )
 
 ARCH_OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -148,46 +150,37 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
 
     Returns the searched supernet (unwrapped; the outputs are in ``command.run.output_dir``).
     """
-    from .data import ViewDataset, make_loader, set_loader_epoch, split_in_halves
-    from .data_loading import load_splits
+    from .data import load_splits, split_in_halves
     from .hub.push import checkpoint_pusher, push_run_folder
 
     check_search_flags(command)
-    command.data.require_source()
     run, data, speed = command.run, command.data, command.speed
     accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
                                    command.optimization.gradient_accumulation_steps)
     output = guard_output(command, accelerator)
     splits = load_splits(data, run.seed)
+    for note in splits.notes:
+        accelerator.print(note)
     plan = plan_search(command, splits.policy, splits.image_size, accelerator.num_processes)
     opt = plan.optimization
-    train_half, val_half = split_in_halves(splits.train, plan.train_portion, run.seed)
-    kind = "eval" if data.no_augmentation else "ssl"
-    batch, workers = opt.per_device_batch, data.dataloader_num_workers
-    on_device = speed.augmentation_device == "accelerator"
-    if on_device:  # the loaders only decode; the views are drawn on the device, seeded like the per-image ones
-        mode, transform = "decode", splits.decode_transform()
-        train_views, val_views = splits.batch_augmenter(kind, run.seed), splits.batch_augmenter(kind, run.seed + 1)
+    if splits.streaming:  # halves by a seeded hash of each sample's key
+        train_half, val_half = splits.stream.halves(plan.train_portion, run.seed)
     else:
-        mode, transform = "two_view", splits.transform(kind)
-        train_views = val_views = None
-    train_loader = make_loader(ViewDataset(train_half, mode, transform, seed=run.seed), batch, shuffle=True,
-                               seed=run.seed, drop_last=True, num_workers=workers)
-    val_loader = make_loader(ViewDataset(val_half, mode, transform, seed=run.seed + 1), batch, shuffle=True,
-                             seed=run.seed + 1, drop_last=True, num_workers=workers)
+        train_half, val_half = split_in_halves(splits.train, plan.train_portion, run.seed)
+    on_device = speed.augmentation_device == "accelerator"
+    common = dict(batch_size=opt.per_device_batch, on_device=on_device, augment=not data.no_augmentation,
+                  workers=data.dataloader_num_workers)
+    train_feed, train_views = view_feed(accelerator, splits, train_half, seed=run.seed, accumulation=opt.accumulation,
+                                        **common)
+    val_feed, val_views = view_feed(accelerator, splits, val_half, seed=run.seed + 1, **common)
+    # a fixed few validation batches for the head-only measurements (Hessian, DARTS-PT), from their own loader so
+    # the resumable validation position is not disturbed
+    probe_feed, _ = view_feed(accelerator, splits, val_half, seed=run.seed + 2, **{**common, "workers": 0})
     variant = plan.variant
-    # a fixed few validation batches for the head-only measurements (Hessian, DARTS-PT): their own loader, so the
-    # resumable validation iterator is not disturbed
-    probe_loader = make_loader(ViewDataset(val_half, mode, transform, seed=run.seed + 2), batch, shuffle=False,
-                               seed=run.seed + 2, drop_last=True, num_workers=0)
 
     def probe_batches():
-        batches = []
-        for b in probe_loader:
-            b = {k: v.to(accelerator.device) for k, v in b.items()}
-            batches.append(val_views(b) if on_device else b)
-            if len(batches) == PROBE_BATCHES:
-                break
+        batches = [group[0] for group in itertools.islice(probe_feed.groups(0), PROBE_BATCHES)]
+        batches = [val_views(b) for b in batches] if on_device else batches
         with torch.no_grad():
             return cache_backbone_features(supernet, batches)
 
@@ -196,8 +189,8 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
                                  speed.torch_compile)
     accelerator.print(
         f"search: {config.framework} / {config.backbone}, space {config.search_space} {list(config.search_ops)}, "
-        f"{len(train_half)} train + {len(val_half)} val images, {opt.describe()}"
-        + (", fixed predictor lr" if plan.fix_predictor_lr else "")
+        f"{describe_count(num_samples(train_half))} train + {describe_count(num_samples(val_half))} val images, "
+        f"{opt.describe()}" + (", fixed predictor lr" if plan.fix_predictor_lr else "")
     )
     implementation = speed.optimizer_implementation
     groups, fixed_groups = predictor_param_groups(model.weight_parameters(), model.nasiam.predictor,
@@ -205,13 +198,10 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     weight_optimizer = build_sgd(groups, opt.lr, opt.weight_decay, opt.momentum, implementation=implementation)
     arch_optimizer = build_arch_optimizer(model, plan.arch_optimizer, plan.arch_lr, plan.arch_weight_decay,
                                           implementation, betas=plan.arch_betas)
-    model, weight_optimizer, arch_optimizer, train_loader, val_loader = accelerator.prepare(
-        model, weight_optimizer, arch_optimizer, train_loader, val_loader
-    )
-    steps_per_epoch = len(train_loader) // opt.accumulation
-    total_steps = opt.total_steps(steps_per_epoch)
-    scheduler = accelerator.prepare(build_cosine_schedule(weight_optimizer, accelerator, opt.warmup_epochs,
-                                                          steps_per_epoch, total_steps, fixed_groups))
+    model, weight_optimizer, arch_optimizer = accelerator.prepare(model, weight_optimizer, arch_optimizer)
+    total_steps = opt.total_steps(train_feed)
+    scheduler = accelerator.prepare(build_cosine_schedule(
+        weight_optimizer, accelerator, opt.warmup_epochs, train_feed.updates_in_epoch(0), total_steps, fixed_groups))
     supernet = accelerator.unwrap_model(model)
     start_tracking(accelerator, command, "nasiam-search")
 
@@ -219,21 +209,11 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
                                 image_processor=image_processor_for_splits(splits),
                                 before_first_save=output.write_record)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "val_epoch": 0, "val_step": 0,
-             "history": {"ops": list(config.search_ops), "epochs": []}, "running": [0.0, 0.0, 0.0, 0]}
+             "history": {"ops": list(config.search_ops), "epochs": []}, "running": [0.0, 0.0, 0.0, 0, 0]}
     state = checkpointer.resume(output.resume_from, state)
+    restore_positions(state, {"train": train_feed, "val": val_feed})
 
-    def validation_batches():
-        """One persistent iterator over the validation half, cycling through its epochs (resumable)."""
-        while True:
-            set_loader_epoch(val_loader, state["val_epoch"])
-            skip = state["val_step"]
-            for b in accelerator.skip_first_batches(val_loader, skip) if skip else val_loader:
-                state["val_step"] += 1
-                yield b
-            state["val_epoch"] += 1
-            state["val_step"] = 0
-
-    sums = DeviceSums(3)  # train loss, val loss, collapse std of the updates not yet folded into state["running"]
+    sums = DeviceSums(4)  # train loss, val loss, collapse std, bad images of the updates not yet folded in
 
     def fold_sums() -> list[float] | None:
         return sums.fold_into(state["running"])
@@ -241,22 +221,23 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     def on_epoch_end(epoch: int) -> None:
         fold_sums()
         running = state["running"]
-        means = mean_over_ranks(accelerator, [r / max(running[3], 1) for r in running[:3]])
+        means = mean_over_ranks(accelerator, [r / max(running[-1], 1) for r in running[:3]])
         eigenvalue = alpha_hessian_top_eigenvalue(supernet, probe_batches()) if variant.hessian_due(epoch) else None
         record = search_epoch_record(supernet, epoch, *means, lr=scheduler.get_last_lr()[0], schedule=schedule,
                                      hessian_eigenvalue=eigenvalue)
+        report_bad_images(accelerator, record, running[3], epoch)
         state["history"]["epochs"].append(record)
-        state["running"] = [0.0, 0.0, 0.0, 0]
+        state["running"] = [0.0, 0.0, 0.0, 0, 0]
         if command.tracking.with_tracking:
             accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=state["global_step"])
         if accelerator.is_main_process:
             atomic_write_json(Path(run.output_dir) / "search_history.json", state["history"])
 
-    val_iter = validation_batches()
+    val_iter = cycle_batches(val_feed, state, "val")
     pusher = checkpoint_pusher(command.hub) if accelerator.is_main_process else None
-    loop = StepLoop(accelerator, train_loader, state, total_steps, checkpointer, run.checkpoint_every, on_epoch_end,
-                    desc="search", before_save=fold_sums, accumulation=opt.accumulation,
-                    after_save=pusher.submit if pusher else None)
+    loop = StepLoop(accelerator, train_feed, state, total_steps, checkpointer, run.checkpoint_every, on_epoch_end,
+                    desc="search", before_save=fold_sums, after_save=pusher.submit if pusher else None,
+                    epochs=None if opt.max_train_steps else opt.epochs, other_feeds={"val": val_feed})
     model.train()
     schedule = apply_schedule(supernet, variant, state["global_step"] / total_steps)
     for epoch, train_batches in loop:
@@ -264,6 +245,7 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
         progress = state["global_step"] / total_steps
         schedule = apply_schedule(supernet, variant, progress)  # DARTS-: this update's skip weight
         val_batches = [next(val_iter) for _ in train_batches]
+        bad = bad_image_count(train_batches)
         if on_device:
             train_batches = [train_views(b) for b in train_batches]
             val_batches = [val_views(b) for b in val_batches]
@@ -274,7 +256,7 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
         w_out = weight_step(model, train_batches, weight_optimizer, scheduler, accelerator, momentum,
                             guard=lambda loss: check_finite(loss, f"{where} (weight step)", checkpointer),
                             max_grad_norm=opt.max_grad_norm)
-        sums.add(mean_loss(w_out), mean_loss(a_out), w_out[-1].collapse_std)
+        sums.add(mean_loss(w_out), mean_loss(a_out), w_out[-1].collapse_std, bad)
         if (state["global_step"] + 1) % run.logging_steps == 0:
             means = fold_sums()
             loop.set_postfix(loss=f"{means[0]:.3f}", val=f"{means[1]:.3f}",

@@ -6,6 +6,7 @@ weight step in :mod:`nasiam_hf.optimization`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
@@ -19,7 +20,7 @@ from torch import distributed as dist
 
 from .arguments import Command, PrecisionArguments, TrackingArguments
 from .checkpoints import Checkpointer, OutputPlan, guard_output_dir
-from .errors import NonFiniteLossError
+from .errors import NonFiniteLossError, TrainingError
 from .hub.metadata import redact_secrets
 
 
@@ -187,84 +188,121 @@ def exit_for_preemption(accelerator: Accelerator, path: Path) -> None:
 class StepLoop:
     """Epoch and update bookkeeping shared by the training commands.
 
-    Iterating yields ``(epoch, micro_batches)``: the ``accumulation`` micro-batches of one optimizer update (a list
-    of one batch without accumulation). After each update it counts, calls ``on_epoch_end(epoch)`` at the end of an
-    epoch, saves checkpoints when ``checkpoint_every`` says so (calling ``before_save()`` first, to fold device-side
-    sums into ``state``, and ``after_save(path)`` on the main process after, e.g. to push it) and, on a stop
-    request agreed by all ranks, saves one and exits. An epoch is
-    ``len(loader) // accumulation`` updates (left-over micro-batches are not used). ``state`` (a JSON-able dict)
-    holds the position (``epoch``, ``step_in_epoch`` and ``global_step``, both in updates) and whatever the caller
-    keeps in it; it is what a checkpoint's ``trainer_state.json`` stores, so a resumed run skips exactly the batches
-    already seen (views are seeded per sample and epoch, so it sees the same ones).
+    Iterating yields ``(epoch, micro_batches)``: the micro-batches of one optimizer update (a list of one batch
+    without accumulation), from a feed (:mod:`nasiam_hf.feeds`: a map-style loader or a stream). After each update
+    it counts, calls ``on_epoch_end(epoch)`` at the end of an epoch, saves checkpoints when ``checkpoint_every``
+    says so (calling ``before_save()`` first, to fold device-side sums into ``state``, and ``after_save(path)`` on
+    the main process after, e.g. to push it) and, on a stop request agreed by all ranks, saves one and exits.
+    ``state`` (a JSON-able dict) holds the position (``epoch``, ``step_in_epoch`` and ``global_step``, in updates),
+    the feed's own position (``data_position``, for streams) and whatever the caller keeps in it; it is what a
+    checkpoint's ``trainer_state.json`` stores, so a resumed run continues with exactly the batches (and, views
+    being seeded per sample and epoch, the views) an uninterrupted one would have seen. ``epochs`` None: as many
+    as ``total_steps`` takes (streams of unknown length).
+
+    A bad image met while training (``--on_bad_image error``) stops the run with its file and row, keeping the last
+    checkpoint (exit status 1).
     """
 
-    def __init__(self, accelerator: Accelerator, loader, state: dict, total_steps: int, checkpointer: Checkpointer,
+    def __init__(self, accelerator: Accelerator, feed, state: dict, total_steps: int, checkpointer: Checkpointer,
                  checkpoint_every: tuple[str, int] | None, on_epoch_end=None, desc: str = "train", before_save=None,
-                 accumulation: int = 1, after_save=None):
-        self.accelerator, self.loader, self.state = accelerator, loader, state
+                 after_save=None, epochs: int | None = None, other_feeds: dict | None = None):
+        self.accelerator, self.feed, self.state = accelerator, feed, state
+        self.feeds = {"train": feed, **(other_feeds or {})}  # whose positions a checkpoint holds
         self.total_steps, self.checkpointer, self.checkpoint_every = total_steps, checkpointer, checkpoint_every
-        self.accumulation = accumulation
-        self.steps_per_epoch = len(loader) // accumulation
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"an epoch of {len(loader)} batches cannot fill one update of {accumulation} micro-batches "
-                "(--gradient_accumulation_steps): use fewer accumulation steps or more data")
-        self.epochs = math.ceil(total_steps / self.steps_per_epoch)
+        self.epochs = epochs
         self.on_epoch_end = on_epoch_end
         self.before_save, self.after_save = before_save, after_save
         self.desc = desc
 
-    def _updates(self, epoch: int):
-        """The micro-batch groups of ``epoch`` from its current position on."""
-        skip = self.state["step_in_epoch"] * self.accumulation
-        batches = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
-        group = []
-        for batch in batches:
-            group.append(batch)
-            if len(group) == self.accumulation:
-                yield group
-                group = []
+    def _save(self, stopping: bool) -> None:
+        acc, state = self.accelerator, self.state
+        if self.before_save is not None:
+            self.before_save()
+        state["data_position"] = {name: feed.state_dict() for name, feed in self.feeds.items()}
+        path = self.checkpointer.save(state["global_step"], state)
+        if self.after_save is not None and acc.is_main_process:
+            self.after_save(path)
+        if stopping:
+            exit_for_preemption(acc, path)
+
+    def _end_epoch(self, epoch: int) -> None:
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(epoch)
+        self.state["epoch"], self.state["step_in_epoch"] = epoch + 1, 0
 
     def __iter__(self):
         from tqdm.auto import tqdm
 
-        from .data import set_loader_epoch
+        from .data import BadImageError
 
         acc, state = self.accelerator, self.state
         stop = StopRequest()
         self.progress = tqdm(total=self.total_steps, initial=state["global_step"], desc=self.desc,
                              disable=not acc.is_local_main_process, dynamic_ncols=True)
         try:
-            for epoch in range(state["epoch"], self.epochs):
+            epochs = range(state["epoch"], self.epochs) if self.epochs is not None else itertools.count(state["epoch"])
+            for epoch in epochs:
+                if state["global_step"] >= self.total_steps:
+                    return
                 state["epoch"] = epoch
-                set_loader_epoch(self.loader, epoch)
-                for group in self._updates(epoch):
+                updates = self.feed.updates_in_epoch(epoch)
+                ended = False
+                for group in self.feed.groups(epoch, state["step_in_epoch"]):
                     yield epoch, group
                     state["global_step"] += 1
                     state["step_in_epoch"] += 1
                     self.progress.update(1)
                     done = state["global_step"] >= self.total_steps
-                    end_of_epoch = done or state["step_in_epoch"] >= self.steps_per_epoch
-                    if end_of_epoch:
-                        if self.on_epoch_end is not None:
-                            self.on_epoch_end(epoch)
-                        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+                    ended = done or (updates is not None and state["step_in_epoch"] >= updates)
+                    if ended:
+                        self._end_epoch(epoch)
                     stopping = stop.should_stop(acc)
-                    if due(self.checkpoint_every, state["global_step"], epoch, end_of_epoch) or stopping:
-                        if self.before_save is not None:
-                            self.before_save()
-                        path = self.checkpointer.save(state["global_step"], state)
-                        if self.after_save is not None and acc.is_main_process:
-                            self.after_save(path)
-                        if stopping:
-                            exit_for_preemption(acc, path)
-                    if done:
-                        return
-                    if end_of_epoch:
+                    if due(self.checkpoint_every, state["global_step"], epoch, ended) or stopping:
+                        self._save(stopping)
+                    if ended:
                         break
+                if not ended:  # the stream ran out (its length was not known ahead): the last update ended it
+                    self._end_epoch(epoch)
+                    if due(self.checkpoint_every, state["global_step"], epoch, True):
+                        self._save(False)
+        except BadImageError as error:
+            last = self.checkpointer.checkpoints()
+            keep = f"the last checkpoint is {last[-1]}" if last else "no checkpoint had been written yet"
+            raise TrainingError(f"{error}; the run stopped ({keep}): rerun with --on_bad_image skip"
+                                + (" --resume_from_checkpoint latest" if last else "")) from error
         finally:
             self.progress.close()
             stop.restore()
 
     def set_postfix(self, **values) -> None:
         self.progress.set_postfix(values, refresh=False)
+
+
+def restore_positions(state: dict, feeds: dict) -> None:
+    """Give each feed (``{"train": feed, ...}``, as :class:`StepLoop` saves them) its position from a resumed
+    trainer state; a no-op on a fresh start and for map-style feeds."""
+    positions = state.get("data_position") or {}
+    for name, feed in feeds.items():
+        feed.load_state_dict(positions.get(name))
+
+
+def bad_image_count(batches: list[dict]) -> torch.Tensor:
+    """Undecodable images skipped in these micro-batches (``--on_bad_image skip``), on the device (no sync)."""
+    counts = [b["bad_images"] for b in batches if "bad_images" in b]
+    if not counts:
+        return torch.zeros(())
+    return torch.stack([torch.as_tensor(c).reshape(()).float() for c in counts]).sum()
+
+
+def report_bad_images(accelerator: Accelerator, record: dict, count: float, epoch: int) -> None:
+    """Count the skipped images of an epoch over the ranks, record and print them (only when there were any)."""
+    total = int(round(mean_over_ranks(accelerator, [count])[0] * accelerator.num_processes))
+    if total:
+        record["bad_images_skipped"] = total
+        accelerator.print(f"epoch {epoch}: skipped {total} undecodable image{'s' if total > 1 else ''} "
+                          "(--on_bad_image skip)")
+
+
+def describe_count(count: int | None) -> str:
+    """A sample count for the start-up line (streams may not know theirs)."""
+    return "an unknown number of" if count is None else f"{count}"

@@ -12,11 +12,11 @@
   with an order derived from (seed, epoch) alone and exact resume.
 
 Imports run one way: each module imports only modules listed before it in images, transforms, views, augment,
-folders, webdataset, sources, shards, lanes, streaming, splits, loading, cli (and ``..network``).
+folders, webdataset, sources, shards, lanes, streaming, splits, loading, flags (and ``..network``, ``..arguments``).
 """
 
 from .augment import BatchAugmenter
-from .cli import add_data_args, splits_from_args
+from .flags import load_splits
 from .folders import FOLDER_LABELS, FolderListing, scan_image_folder
 from .images import IMAGE_EXTENSIONS, ON_BAD_IMAGE, BadImageError, DataError, decode_image, to_rgb
 from .lanes import lane_batches_at, resume_point, resume_rotation
@@ -62,7 +62,6 @@ __all__ = [
     "StreamLoader",
     "StreamState",
     "ViewDataset",
-    "add_data_args",
     "blur_kernel_size",
     "build_decode_transform",
     "build_transform",
@@ -76,6 +75,7 @@ __all__ = [
     "key_index",
     "lane_batches_at",
     "load_image_splits",
+    "load_splits",
     "make_loader",
     "open_stream",
     "resize_edge",
@@ -85,7 +85,6 @@ __all__ = [
     "scan_image_folder",
     "set_loader_epoch",
     "split_in_halves",
-    "splits_from_args",
     "to_rgb",
     "view_dataset_for",
     "view_key",

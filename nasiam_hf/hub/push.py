@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 from ..errors import PushError
 from ..fileio import HIDDEN_MODEL_PATTERNS
+from ..network import offline_mode
 
 # Training checkpoints, temporary files, and the staging folders of nasiam_hf.fileio (".<name>.XXXX.tmp/").
 DEFAULT_IGNORE_PATTERNS = ("checkpoints/*", "checkpoint-*/*", "*.tmp", "*.tmp/*", *HIDDEN_MODEL_PATTERNS)
@@ -28,15 +29,6 @@ def _network_errors() -> tuple[type[BaseException], ...]:
             continue
         errors.extend(getattr(imported, name) for name in names if hasattr(imported, name))
     return tuple(errors)
-
-
-def offline_mode(*env_vars: str) -> bool:
-    """Whether Hugging Face offline mode is on: huggingface_hub's ``HF_HUB_OFFLINE``, or ``HF_HUB_OFFLINE`` and
-    ``env_vars`` in the environment now (the libraries read them only when imported)."""
-    from huggingface_hub import constants
-
-    flags = (os.environ.get(name, "").strip().upper() for name in ("HF_HUB_OFFLINE", *env_vars))
-    return bool(constants.HF_HUB_OFFLINE) or any(flag in {"1", "ON", "YES", "TRUE"} for flag in flags)
 
 
 def _uses_proxy(scheme: str) -> bool:
