@@ -3,6 +3,9 @@
 #
 #   bash benchmarks/gpu_check.sh               # GPU: ResNet-18/CIFAR 32x32 (batch 512), ResNet-50/224 (batch 128)
 #   bash benchmarks/gpu_check.sh --cpu-smoke   # any machine: the same two runs at tiny sizes on the CPU
+#   bash benchmarks/gpu_check.sh --backbones   # GPU: timm ResNet-50 and ViT-S/16 at 224, ViT-Ti/4 at 32, and a
+#                                              # transformers ConvNeXt-T at 224 (steps and kNN; bf16+channels_last)
+#   bash benchmarks/gpu_check.sh --backbones --cpu-smoke   # the same four at tiny batches on the CPU (32 and 224 px)
 #
 # Options: --wheels DIR (wheel folder, default benchmarks/.whl), --out DIR (JSON files; default $OUT, else a
 # temporary folder), --compile (also time a torch.compile'd backbone; adds 1-2 minutes per run).
@@ -20,7 +23,10 @@
 #   #   ... -d benchmarks/.whl torchvision==0.26.0
 #
 # and carry the folder with the checkout. Only modules that fail to import are installed, with
-# `pip install --no-index --no-deps --find-links benchmarks/.whl`.
+# `pip install --no-index --no-deps --find-links benchmarks/.whl`. --backbones also needs timm (a pure-Python wheel;
+# its dependencies torch, torchvision, pyyaml, huggingface_hub and safetensors are the ones above):
+#
+#   python3 -m pip download --no-deps --only-binary=:all: -d benchmarks/.whl timm==1.0.31
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -31,13 +37,15 @@ mode="gpu"
 wheels="$here/.whl"
 out="${OUT:-}"
 compile_flag=()
+backbones=0
 while (($# > 0)); do
     case "$1" in
         --cpu-smoke) mode="cpu" ;;
         --wheels) wheels="${2:?--wheels needs a folder}"; shift ;;
         --out) out="${2:?--out needs a folder}"; shift ;;
         --compile) compile_flag=(--compile) ;;
-        -h | --help) sed -n '2,26p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        --backbones) backbones=1 ;;
+        -h | --help) sed -n '2,33p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "gpu_check: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -57,12 +65,14 @@ say() { printf '[gpu_check %3ds] %s\n' "$((SECONDS - start_time))" "$*" >&2; }
 # ---- 1. dependencies -------------------------------------------------------------------------------------------------
 missing_modules() {
     # prints the distribution names of the modules that do not import
-    "$PYTHON" - <<'PY'
-import importlib
+    NEEDS_TIMM="$backbones" "$PYTHON" - <<'PY'
+import importlib, os
 needed = {"torch": "torch", "torchvision": "torchvision", "transformers": "transformers",
           "huggingface_hub": "huggingface_hub", "accelerate": "accelerate", "safetensors": "safetensors",
           "PIL": "pillow", "numpy": "numpy", "tqdm": "tqdm", "yaml": "pyyaml", "psutil": "psutil",
           "packaging": "packaging"}
+if os.environ.get("NEEDS_TIMM") == "1":
+    needed["timm"] = "timm"
 missing = []
 for module, dist in needed.items():
     try:
@@ -118,7 +128,33 @@ bench() {  # bench NAME SECONDS ARGS...: run throughput.py under a time limit, J
 }
 
 status=0
-if [[ "$mode" == "gpu" ]]; then
+if ((backbones)); then
+    # A ConvNeXt-T config (transformers' defaults) in a folder: the transformers backbone, offline.
+    "$PYTHON" -c "import sys; from transformers import ConvNextConfig; ConvNextConfig().save_pretrained(sys.argv[1])" \
+        "$out/convnext-tiny-config"
+    common=(--skip data,optimizer --variants bf16+channels_last)
+    vit32=(--backbone timm/vit_tiny_patch16_224 --backbone_kwargs '{"img_size": 32, "patch_size": 4}')
+    if [[ "$mode" == "gpu" ]]; then
+        sizes=(--device cuda --repeats 3 --warmup 2 --knn_images 2048 --eval_batch_size 256)
+        bench timm_resnet50_224_b128 70 --backbone timm/resnet50 --image_size 224 --batch_size 128 "${sizes[@]}" \
+            "${common[@]}" || status=1
+        bench timm_vit_small_224_b128 70 --backbone timm/vit_small_patch16_224 --image_size 224 --batch_size 128 \
+            "${sizes[@]}" "${common[@]}" || status=1
+        bench timm_vit_tiny_p4_32_b512 70 "${vit32[@]}" --image_size 32 --batch_size 512 "${sizes[@]}" \
+            "${common[@]}" || status=1
+        bench hf_convnext_tiny_224_b128 70 --backbone "$out/convnext-tiny-config" --image_size 224 --batch_size 128 \
+            "${sizes[@]}" "${common[@]}" || status=1
+    else
+        sizes=(--device cpu --repeats 1 --warmup 1 --knn_images 8 --eval_batch_size 4 --batch_size 2)
+        bench timm_resnet50_224_b128 300 --backbone timm/resnet50 --image_size 224 "${sizes[@]}" "${common[@]}" \
+            || status=1
+        bench timm_vit_small_224_b128 300 --backbone timm/vit_small_patch16_224 --image_size 224 "${sizes[@]}" \
+            "${common[@]}" || status=1
+        bench timm_vit_tiny_p4_32_b512 300 "${vit32[@]}" --image_size 32 "${sizes[@]}" "${common[@]}" || status=1
+        bench hf_convnext_tiny_224_b128 300 --backbone "$out/convnext-tiny-config" --image_size 224 "${sizes[@]}" \
+            "${common[@]}" || status=1
+    fi
+elif [[ "$mode" == "gpu" ]]; then
     bench resnet18_cifar32_b512 140 --device cuda --backbone resnet18 --image_size 32 --batch_size 512 \
         --repeats 5 --warmup 2 --data_batches 24 --knn_images 8192 --eval_batch_size 1024 --extrapolate || status=1
     bench resnet50_224_b128 140 --device cuda --backbone resnet50 --image_size 224 --batch_size 128 \

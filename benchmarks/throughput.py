@@ -168,6 +168,17 @@ def new_accelerator(precision: str, device: str):
     return Accelerator(mixed_precision=precision, cpu=device == "cpu")
 
 
+def backbone_fields(args) -> dict:
+    """The config fields of ``--backbone`` / ``--backbone_kwargs`` (``backbones.backbone_config_values``, as the
+    commands resolve them), with the CIFAR stem for a torchvision ResNet at CIFAR sizes."""
+    from nasiam_hf.backbones import backbone_config_values, is_torchvision_backbone
+
+    values = backbone_config_values(args.backbone, args.backbone_kwargs)
+    if is_torchvision_backbone(args.backbone):
+        values["cifar_stem"] = args.cifar_stem
+    return values
+
+
 def default_preset(framework: str, backbone: str) -> str:
     from nasiam_hf.presets import PRESETS
 
@@ -218,8 +229,7 @@ def bench_steps(args, variant: str, tmp: Path, compile_backbone: bool = False) -
 
     steps = {}
     if not compile_backbone:
-        config = NASiamConfig(framework=args.framework, backbone=args.backbone, cifar_stem=args.cifar_stem,
-                              image_size=args.image_size)
+        config = NASiamConfig(framework=args.framework, image_size=args.image_size, **backbone_fields(args))
         supernet = prepare_model_layout(NASiamForArchitectureSearch(config), accelerator, channels_last)
         weight_opt = build_weight_optimizer(supernet.weight_parameters(), lr, 5e-4,
                                             implementation=args.optimizer_implementation)
@@ -232,8 +242,7 @@ def bench_steps(args, variant: str, tmp: Path, compile_backbone: bool = False) -
         steps["search_weight_step"] = lambda: weight_step(model, batch, weight_opt, None, accelerator,
                                                           search_momentum, guard=guard)
 
-    config = NASiamConfig.from_preset(args.preset, backbone=args.backbone, cifar_stem=args.cifar_stem,
-                                      image_size=args.image_size)
+    config = NASiamConfig.from_preset(args.preset, image_size=args.image_size, **backbone_fields(args))
     pre = prepare_model_layout(NASiamForPreTraining(config), accelerator, channels_last, torch_compile=compile_backbone)
     optimizer, _ = build_pretraining_optimizer(pre, lr, 5e-4, config.framework == "simsiam",
                                                args.optimizer_implementation)
@@ -276,8 +285,7 @@ def bench_optimizers(args) -> dict:
 
     device = torch.device(args.device)
     memory = Memory(device)
-    config = NASiamConfig.from_preset(args.preset, backbone=args.backbone, cifar_stem=args.cifar_stem,
-                                      image_size=args.image_size)
+    config = NASiamConfig.from_preset(args.preset, image_size=args.image_size, **backbone_fields(args))
     model = NASiamForPreTraining(config).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) if p.requires_grad else None
@@ -402,7 +410,7 @@ def bench_data(args) -> dict:
 
     device = torch.device(args.device)
     memory = Memory(device)
-    policy = "cifar" if args.cifar_stem else "imagenet"
+    policy = "cifar" if args.image_size <= 64 else "imagenet"
     mean, std = NORMALIZATION["cifar10" if policy == "cifar" else "imagenet"]
     count = args.batch_size * args.data_batches
     table, source = image_table(args, count)
@@ -441,8 +449,7 @@ def bench_knn(args, precision: str) -> dict:
     accelerator = new_accelerator(precision, args.device)
     device = accelerator.device
     memory = Memory(device)
-    config = NASiamConfig.from_preset(args.preset, backbone=args.backbone, cifar_stem=args.cifar_stem,
-                                      image_size=args.image_size)
+    config = NASiamConfig.from_preset(args.preset, image_size=args.image_size, **backbone_fields(args))
     encoder = NASiamForPreTraining(config).nasiam.backbone.to(device)
     g = torch.Generator().manual_seed(0)
     eval_batch = args.eval_batch_size
@@ -560,7 +567,11 @@ def summarise(result: dict) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--backbone", default="resnet18",
+                        help="resnet18|resnet34|resnet50 (torchvision), timm/<model name>, or a transformers backbone "
+                             "folder / Hub id (as --backbone of the commands).")
+    parser.add_argument("--backbone_kwargs", type=json.loads, default=None,
+                        help='JSON keyword arguments of timm.create_model, e.g. \'{"img_size": 32, "patch_size": 4}\'.')
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--framework", default="simsiam", choices=["simsiam", "simclr", "mocov2", "byol"])
@@ -590,7 +601,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is visible")
     args.preset = args.preset or default_preset(args.framework, args.backbone)
-    args.cifar_stem = args.image_size <= 64
+    args.cifar_stem = args.image_size <= 64 if args.backbone in ("resnet18", "resnet34", "resnet50") else None
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -607,7 +618,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     result = {
         "config": {
-            "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
+            "backbone": args.backbone, "backbone_kwargs": args.backbone_kwargs, "image_size": args.image_size,
+            "batch_size": args.batch_size,
             "framework": args.framework, "preset": args.preset, "cifar_stem": args.cifar_stem, "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or
             platform.machine(),

@@ -1,19 +1,39 @@
-"""NASiamConfig: one configuration for the backbone, the searched heads and the siamese objective."""
+"""NASiamConfig: one configuration for the backbone, the searched heads and the siamese objective.
 
-from __future__ import annotations
+A strict v5 config: field types are checked on construction and on assignment (no ``from __future__ import
+annotations`` here, which would turn the types into strings the checks skip), the cross-field checks are the
+``validate_*`` methods that ``config.validate()`` (and ``save_pretrained``) runs, and every error is a
+:class:`NASiamConfigError` (a ``ValueError``) naming the field.
+"""
 
 import copy
+import functools
 import math
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, PreTrainedConfig
+
+try:  # transformers >= 5.2x declares sub-configs with a spec
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # pragma: no cover - older 5.x: a plain class mapping
+    SubConfigSpec = None
 
 try:  # transformers >= 5.20 moved the backbone helpers to the top level
     from transformers.backbone_utils import BackboneConfigMixin
 except ImportError:  # pragma: no cover - older 5.x
     from transformers.utils.backbone_utils import BackboneConfigMixin
 
-from .backbones import BACKBONES, STAGE_NAMES, backbone_width
+from .backbones import (
+    TORCHVISION,
+    BackboneInfo,
+    backbone_kind,
+    check_timm_kwargs,
+    describe_backbone,
+    required_packages,
+    transformers_config_from_dict,
+    with_all_stages,
+)
 from .heads import HeadSpec
 from .objectives import FRAMEWORKS
 from .presets import PRESETS
@@ -31,6 +51,12 @@ FRAMEWORK_DEFAULTS: dict[str, dict] = {
     "mocov2": dict(projector_layers=4, predictor_layers=0, projection_dim=128, projector_output="linear",
                    temperature=0.1, queue_size=4096, momentum=0.99),
 }
+# Values derived from the backbone and written to config.json for its readers; recomputed on load.
+DERIVED_KEYS = ("stage_names", "backbone_requires")
+
+
+class NASiamConfigError(ValueError):
+    """A wrong NASiamConfig value; the message names the field."""
 
 
 def check_framework(framework: object) -> str:
@@ -45,13 +71,70 @@ def check_preset(name: object) -> dict:
     return copy.deepcopy(PRESETS[name])
 
 
+def _positive_int(config: "NASiamConfig", key: str, why: str = "") -> None:
+    value = getattr(config, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{key} must be a positive integer{why}, got {value!r}")
+
+
+def _type_text(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("NoneType", "None")
+
+
+def raise_value_errors(cls):
+    """Turn the strict-dataclass errors (which derive from ``Exception`` only) into :class:`NASiamConfigError`s
+    naming the field, on construction and assignment (type checks) and in ``validate()`` (cross-field checks)."""
+    strict_init, strict_setattr, strict_validate = cls.__init__, cls.__setattr__, cls.validate
+
+    @functools.wraps(strict_init)
+    def __init__(self, *args, **kwargs):
+        try:
+            strict_init(self, *args, **kwargs)
+        except StrictDataclassError as error:  # pragma: no cover - setattr and validate already convert theirs
+            raise NASiamConfigError(f"{cls.__name__}: {error.__cause__ or error}") from error
+
+    @functools.wraps(strict_setattr)
+    def __setattr__(self, name, value):
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassError as error:
+            expected = _type_text(cls.__dataclass_fields__[name].type)
+            raise NASiamConfigError(
+                f"{cls.__name__}.{name} must be {expected}, got {value!r} ({type(value).__name__})"
+            ) from error
+
+    @functools.wraps(strict_validate)
+    def validate(self):
+        try:
+            strict_validate(self)
+        except StrictDataclassError as error:
+            raise NASiamConfigError(str(error.__cause__ or error)) from error
+
+    validate.__is_defined_by_strict_decorator__ = True  # a subclass may be decorated with @strict again
+    cls.__init__, cls.__setattr__, cls.validate = __init__, __setattr__, validate
+    return cls
+
+
+@raise_value_errors
 @strict
 class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""Configuration of a NASiam model.
 
     Args:
-        backbone: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"`` (torchvision).
-        cifar_stem: 3x3 stride-1 first conv and no max-pool (for 32x32 images), at every depth.
+        backbone: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"`` (torchvision, the default ResNet-18),
+            ``"timm/<model name>"`` (any timm model, a pretrained tag allowed), or, with ``backbone_config``, the
+            folder or Hub id a transformers backbone was read from (see
+            :func:`nasiam_hf.backbones.backbone_config_values`).
+        backbone_kwargs: keyword arguments of ``timm.create_model`` (e.g. ``{"img_size": 32, "patch_size": 4}``),
+            stored so that a saved folder rebuilds the same model. timm backbones only.
+        backbone_config: a transformers backbone config (ConvNeXt, DINOv2, Swin, ResNet...) that AutoBackbone builds;
+            its ``out_features`` are set to all its stages. ``stage_names`` (and so ``out_features``) follow the
+            backbone: ``stem, stage1 ... stage4`` for torchvision ResNets, timm's feature_info names for timm
+            models, the sub-config's for transformers backbones.
+        cifar_stem: 3x3 stride-1 first conv and no max-pool (for 32x32 images), at every depth; torchvision ResNets
+            only (default True there).
+        zero_init_residual: start the last BatchNorm of every residual block at zero (torchvision ResNets; timm's
+            ResNets do it themselves), as torchvision's ``zero_init_residual=True`` and the SimSiam reference do.
         framework: ``"simsiam"``, ``"simclr"``, ``"mocov2"`` or ``"byol"``.
         projector_genotype / predictor_genotype: one op name per layer (``None``: every layer ``linear_relu``).
             SimCLR and MoCo v2 have no predictor.
@@ -67,73 +150,119 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
     """
 
     model_type = "nasiam"
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="convnext", optional=True),
+        }
+    else:  # pragma: no cover - older 5.x
+        sub_configs = {"backbone_config": AutoConfig}
 
-    backbone: str = "resnet18"
-    cifar_stem: bool = True
+    backbone: str | None = None
+    backbone_kwargs: dict | None = None
+    backbone_config: dict | PreTrainedConfig | None = None
+    cifar_stem: bool | None = None
+    zero_init_residual: bool = True
     num_channels: int = 3
     image_size: int = 32
     framework: str = "simsiam"
     projector_layers: int | None = None
     predictor_layers: int | None = None
-    projector_genotype: list[str] | None = None
-    predictor_genotype: list[str] | None = None
+    projector_genotype: list[str] | tuple[str, ...] | None = None
+    predictor_genotype: list[str] | tuple[str, ...] | None = None
     projector_hidden_size: int | None = None
     predictor_hidden_size: int | None = None
     projection_dim: int | None = None
     search_space: str = "S"
-    temperature: float | None = None
+    temperature: float | int | None = None
     queue_size: int | None = None
-    momentum: float | None = None
+    momentum: float | int | None = None
 
     def __post_init__(self, **kwargs):
-        check_framework(self.framework)
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; allowed backbones: {sorted(BACKBONES)}")
+        for key in DERIVED_KEYS:
+            kwargs.pop(key, None)
+        out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
+        if isinstance(self.backbone_config, dict):  # config.json holds the sub-config as a dict
+            self.backbone_config = transformers_config_from_dict(self.backbone_config)
+        super().__post_init__(**kwargs)
+        # The checks the defaults depend on run first; strict runs every validator again once this returns.
+        self.validate_framework()
+        self.validate_backbone()
+        if self.backbone_config is not None:
+            self.backbone_config = with_all_stages(self.backbone_config)
+        if self.backbone is None:
+            self.backbone = "resnet18" if self.backbone_config is None else self.backbone_config.model_type
+        if self.backbone_kind == TORCHVISION and self.cifar_stem is None:
+            self.cifar_stem = True
+        for key in ("projector_genotype", "predictor_genotype"):
+            if isinstance(getattr(self, key), tuple):
+                setattr(self, key, list(getattr(self, key)))
         defaults = FRAMEWORK_DEFAULTS[self.framework]
         for key in ("projector_layers", "predictor_layers", "projection_dim", "predictor_hidden_size",
                     "temperature", "queue_size", "momentum"):
             if getattr(self, key) is None and defaults.get(key) is not None:
                 setattr(self, key, defaults[key])
         if self.projector_hidden_size is None:
-            self.projector_hidden_size = defaults.get("projector_hidden_size") or backbone_width(self.backbone)
-        self._validate()
-        self.stage_names = list(STAGE_NAMES)
-        self.set_output_features_output_indices(
-            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
-        )
-        super().__post_init__(**kwargs)
+            self.projector_hidden_size = defaults.get("projector_hidden_size") or self.hidden_size
+        self.stage_names = list(self.backbone_info.stage_names)
+        self.backbone_requires = required_packages(self.backbone_kind)
+        self.set_output_features_output_indices(out_indices=out_indices, out_features=out_features)
 
-    def _validate(self) -> None:
+    # -- validators (run by validate(), on construction and before every save) ------------------------------------
+    def validate_framework(self) -> None:
+        check_framework(self.framework)
+
+    def validate_backbone(self) -> None:
+        kind = backbone_kind(self.backbone, self.backbone_config)
+        if kind != TORCHVISION and self.cifar_stem:
+            raise ValueError(f"cifar_stem applies to torchvision ResNets only; backbone {self.backbone!r} is a {kind} "
+                             "backbone (leave cifar_stem unset)")
+        if self.backbone_kwargs is not None:
+            if kind != "timm":
+                raise ValueError(f"backbone_kwargs apply to timm backbones only (a transformers backbone keeps its "
+                                 f"values in backbone_config); backbone {self.backbone!r} is a {kind} backbone")
+            check_timm_kwargs(self.backbone_kwargs)
+        _positive_int(self, "num_channels")
+        if kind == "transformers":
+            sub_channels = getattr(self.backbone_config, "num_channels", self.num_channels)
+            if sub_channels != self.num_channels:
+                raise ValueError(f"num_channels is {self.num_channels} but backbone_config.num_channels is "
+                                 f"{sub_channels}; set them equal")
+        describe_backbone(self.backbone, self.backbone_kwargs, self.backbone_config, self.num_channels)
+
+    def validate_stage_names(self) -> None:
+        stages = list(self.backbone_info.stage_names)
+        if getattr(self, "stage_names", stages) != stages:
+            raise ValueError(f"stage_names {self.stage_names} are not those of backbone {self.backbone!r} ({stages}): "
+                             "the backbone changed after the config was built; build a new config")
+
+    def validate_sizes(self) -> None:
         resolve_search_space(self.search_space)
-        for key in ("image_size", "num_channels", "projection_dim", "projector_hidden_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
-        if not isinstance(self.projector_layers, int) or self.projector_layers < 1:
-            raise ValueError(f"projector_layers must be a positive integer, got {self.projector_layers!r}")
+        for key in ("image_size", "projection_dim", "projector_hidden_size", "projector_layers"):
+            _positive_int(self, key)
+
+    def validate_heads(self) -> None:
         if self.has_predictor:
-            if not isinstance(self.predictor_layers, int) or self.predictor_layers < 1:
-                raise ValueError(
-                    f"predictor_layers must be a positive integer for {self.framework}, got {self.predictor_layers!r}"
-                )
-            if not isinstance(self.predictor_hidden_size, int) or self.predictor_hidden_size < 1:
-                raise ValueError(
-                    f"predictor_hidden_size must be a positive integer, got {self.predictor_hidden_size!r}")
+            _positive_int(self, "predictor_layers", f" for {self.framework}")
+            _positive_int(self, "predictor_hidden_size")
         elif self.predictor_layers or self.predictor_genotype:
             raise ValueError(
                 f"framework {self.framework!r} has no predictor; got predictor_layers={self.predictor_layers!r}, "
                 f"predictor_genotype={self.predictor_genotype!r} (only simsiam and byol use a predictor)"
             )
         if self.projector_genotype is not None:
-            self.projector_genotype = validate_genotype(self.projector_genotype, self.projector_layers, "projector")
+            validate_genotype(self.projector_genotype, self.projector_layers, "projector")
         if self.predictor_genotype is not None:
-            self.predictor_genotype = validate_genotype(self.predictor_genotype, self.predictor_layers, "predictor")
-        if self.temperature is not None and not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            validate_genotype(self.predictor_genotype, self.predictor_layers, "predictor")
+
+    def validate_method_constants(self) -> None:
+        if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
         if self.momentum is not None and not (0.0 <= self.momentum < 1.0):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if self.queue_size is not None and (not isinstance(self.queue_size, int) or self.queue_size < 1):
-            raise ValueError(f"queue_size must be a positive integer, got {self.queue_size!r}")
+        if self.queue_size is not None:
+            _positive_int(self, "queue_size")
 
+    # -- loading --------------------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "NASiamConfig":
         # transformers only warns on a config of another model type; a NASiam model built from it would be wrong
@@ -164,6 +293,15 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
 
     # -- derived quantities -------------------------------------------------------------------------------------
     @property
+    def backbone_kind(self) -> str:
+        """``"torchvision"``, ``"timm"`` or ``"transformers"``."""
+        return backbone_kind(self.backbone, self.backbone_config)
+
+    @property
+    def backbone_info(self) -> BackboneInfo:
+        return describe_backbone(self.backbone, self.backbone_kwargs, self.backbone_config, self.num_channels)
+
+    @property
     def has_predictor(self) -> bool:
         return self.framework in ("simsiam", "byol")
 
@@ -174,7 +312,7 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
     @property
     def hidden_size(self) -> int:
         """Width of the pooled backbone features (the ``pooler_output``)."""
-        return backbone_width(self.backbone)
+        return self.backbone_info.hidden_size
 
     @property
     def search_ops(self) -> tuple[str, ...]:
@@ -205,4 +343,4 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
         return 1.0 / math.sqrt(self.projection_dim)
 
 
-__all__ = ["NASiamConfig", "FRAMEWORKS", "FRAMEWORK_DEFAULTS"]
+__all__ = ["NASiamConfig", "NASiamConfigError", "FRAMEWORKS", "FRAMEWORK_DEFAULTS"]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones import BACKBONES, ResNetTrunk
+from .backbones import BACKBONES, BackboneTrunk, ResNetTrunk, find_trunk
 from .configuration_nasiam import NASiamConfig
 from .fileio import atomic_write_bytes
 from .search_space import check_op_name
@@ -56,23 +56,28 @@ RESNET_LAYOUTS = {
 # ---------------------------------------------------------------------------------------------------------------------
 # Getting at a backbone
 # ---------------------------------------------------------------------------------------------------------------------
-def backbone_of(model_or_folder: Any) -> ResNetTrunk:
-    """The :class:`ResNetTrunk` of a NASiam model, a downstream head, a trunk itself, or a saved model folder."""
+def trunk_of(model_or_folder: Any) -> BackboneTrunk:
+    """The backbone trunk of a NASiam model, a downstream head, a trunk itself, or a saved model folder."""
     if isinstance(model_or_folder, (str, os.PathLike)):
         from .modeling_nasiam import NASiamBackbone
 
         if not Path(model_or_folder).is_dir():
             raise ValueError(f"{os.fspath(model_or_folder)!r} is not a model folder")
         return NASiamBackbone.from_pretrained(model_or_folder).backbone
-    if isinstance(model_or_folder, ResNetTrunk):
-        return model_or_folder
-    for path in ("backbone", "nasiam.backbone"):
-        module = model_or_folder
-        for attr in path.split("."):
-            module = getattr(module, attr, None)
-        if isinstance(module, ResNetTrunk):
-            return module
-    raise TypeError(f"cannot find a NASiam ResNet backbone in a {type(model_or_folder).__name__}")
+    return find_trunk(model_or_folder)
+
+
+def backbone_of(model_or_folder: Any) -> ResNetTrunk:
+    """The torchvision :class:`ResNetTrunk` of a model or folder; other backbones are refused (these exports write
+    torchvision and detectron2 ResNets)."""
+    trunk = trunk_of(model_or_folder)
+    if not isinstance(trunk, ResNetTrunk):
+        raise ValueError(
+            f"the torchvision and detectron2 exports write ResNets, and this model's backbone is a {trunk.kind} one; "
+            "share it as a NASiam folder instead (save_pretrained; it loads as NASiamModel, "
+            "NASiamForImageClassification or NASiamBackbone)"
+        )
+    return trunk
 
 
 def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -233,8 +238,8 @@ def transfer_backbone_weights(source: Any, target: nn.Module) -> int:
     """Copy a NASiam backbone's weights into the :class:`NASiamBackbone` inside ``target`` (e.g. the one DETR,
     UperNet or Mask2Former built from a ``NASiamConfig`` ``backbone_config``); returns how many tensors were copied.
 
-    ``source``: a model folder or any NASiam model. Heads that swap BatchNorm for a frozen variant (DETR) have no
-    ``num_batches_tracked`` buffers; those are skipped, every other tensor must match.
+    ``source``: a model folder or any NASiam model, of any backbone kind. Heads that swap BatchNorm for a frozen
+    variant (DETR) have no ``num_batches_tracked`` buffers; those are skipped, every other tensor must match.
     """
     from .modeling_nasiam import NASiamBackbone
 
@@ -242,7 +247,7 @@ def transfer_backbone_weights(source: Any, target: nn.Module) -> int:
     if len(hosts) != 1:
         raise ValueError(f"expected exactly one NASiamBackbone inside {type(target).__name__}, found {len(hosts)}")
     trunk = hosts[0].backbone
-    weights = torchvision_state_dict(source)
+    weights = {k: v.detach() for k, v in trunk_of(source).state_dict().items()}
     wanted = trunk.state_dict()
     weights = {k: v for k, v in weights.items() if k in wanted or not k.endswith("num_batches_tracked")}
     trunk.load_state_dict(weights, strict=True)
@@ -549,4 +554,5 @@ __all__ = [
     "torchvision_resnet",
     "torchvision_state_dict",
     "transfer_backbone_weights",
+    "trunk_of",
 ]

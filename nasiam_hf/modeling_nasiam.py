@@ -27,7 +27,7 @@ try:  # transformers >= 5.20 moved the backbone helpers to the top level
 except ImportError:  # pragma: no cover - older 5.x
     from transformers.utils.backbone_utils import BackboneMixin
 
-from .backbones import ResNetTrunk, stage_channels
+from .backbones import build_trunk, is_last_residual_norm
 from .configuration_nasiam import NASiamConfig
 from .fileio import staged_files
 from .heads import MLPHead, SearchCell
@@ -92,6 +92,14 @@ class NASiamPreTrainedModel(PreTrainedModel):
             super().save_pretrained(staged, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
+        """Initialise what this package builds: the torchvision trunk, the heads, the alphas and the MoCo queue.
+
+        timm and transformers backbones keep their own initialisation (transformers ones are sub-models with their own
+        ``_init_weights``; timm modules are marked by their trunk). With ``zero_init_residual`` the last BatchNorm of
+        every torchvision residual block starts at zero (tensors loaded from a checkpoint are never re-initialised).
+        """
+        if getattr(module, "_nasiam_keeps_own_init", False):
+            return
         if isinstance(module, nn.Conv2d):
             init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(module, nn.Linear):
@@ -102,7 +110,10 @@ class NASiamPreTrainedModel(PreTrainedModel):
                 init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)):
             if module.weight is not None:
-                init.ones_(module.weight)
+                if self.config.zero_init_residual and is_last_residual_norm(module):
+                    init.zeros_(module.weight)
+                else:
+                    init.ones_(module.weight)
                 init.zeros_(module.bias)
             if module.running_mean is not None:
                 init.zeros_(module.running_mean)
@@ -119,15 +130,16 @@ class NASiamPreTrainedModel(PreTrainedModel):
 class NASiamModel(NASiamPreTrainedModel):
     """Backbone with the searched (or standard) projector and predictor heads.
 
-    ``model(pixel_values).pooler_output`` is the ``(B, C)`` backbone feature vector used for downstream tasks;
-    ``project`` and ``predict`` run the heads.
+    ``model(pixel_values).pooler_output`` is the ``(B, C)`` backbone feature vector used for downstream tasks (``C``
+    is ``config.hidden_size``, the backbone's pooled width); ``project`` and ``predict`` run the heads. The backbone
+    is a :class:`~nasiam_hf.backbones.BackboneTrunk` (torchvision ResNet, timm model or transformers backbone).
     """
 
     _searchable = False
 
     def __init__(self, config: NASiamConfig):
         super().__init__(config)
-        self.backbone = ResNetTrunk(config.backbone, config.cifar_stem, config.num_channels)
+        self.backbone = build_trunk(config)
         self.projector = self._build_head(config, "projector")
         self.predictor = self._build_head(config, "predictor") if config.has_predictor else None
         self.post_init()
@@ -149,14 +161,12 @@ class NASiamModel(NASiamPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        maps = self.backbone(pixel_values, return_stages=True)
-        last = maps[-1]
-        pooled = last.mean(dim=(2, 3))
-        hidden_states = tuple(maps) if output_hidden_states else None
+        out = self.backbone(pixel_values, return_stages=True)
+        hidden_states = tuple(out.feature_maps) if output_hidden_states else None
         if not return_dict:
-            return tuple(v for v in (last, pooled, hidden_states) if v is not None)
+            return tuple(v for v in (out.last_hidden_state, out.pooler_output, hidden_states) if v is not None)
         return BaseModelOutputWithPoolingAndNoAttention(
-            last_hidden_state=last, pooler_output=pooled, hidden_states=hidden_states
+            last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output, hidden_states=hidden_states
         )
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
@@ -373,6 +383,8 @@ class NASiamForImageClassification(NASiamPreTrainedModel):
         self._backbone_frozen = freeze
         for parameter in self.nasiam.parameters():
             parameter.requires_grad_(not freeze)
+        for parameter in self.nasiam.backbone.unused_in_pooling():  # no gradient would reach them (DDP raises)
+            parameter.requires_grad_(False)
         self.train(self.training)
         return self
 
@@ -405,13 +417,14 @@ class NASiamForImageClassification(NASiamPreTrainedModel):
 
 
 class NASiamBackbone(BackboneMixin, NASiamPreTrainedModel):
-    """The ResNet trunk as a transformers backbone (``AutoBackbone``), for DETR, Mask2Former, UperNet and the like.
+    """The backbone as a transformers backbone (``AutoBackbone``), for DETR, Mask2Former, UperNet and the like.
 
     Returns :class:`~transformers.modeling_outputs.BackboneOutput` whose ``feature_maps`` are the maps of the stages
-    named by ``config.out_features`` / ``config.out_indices`` among ``["stem", "stage1", ..., "stage4"]``;
-    ``num_features`` gives the channels of every stage (torchvision's: 64, 64, 128, 256, 512 for ResNet-18/34 and
-    64, 256, 512, 1024, 2048 for ResNet-50). Its weights are named like a :class:`NASiamModel`'s backbone
-    (``backbone.*``), so ``from_pretrained`` of any NASiam folder loads them.
+    named by ``config.out_features`` / ``config.out_indices`` among ``config.stage_names`` (``["stem", "stage1", ...,
+    "stage4"]`` for torchvision ResNets, timm's feature_info names for timm models, the sub-config's for transformers
+    backbones); ``num_features`` gives the channels of every stage (torchvision's: 64, 64, 128, 256, 512 for
+    ResNet-18/34 and 64, 256, 512, 1024, 2048 for ResNet-50). Its weights are named like a :class:`NASiamModel`'s
+    backbone (``backbone.*``), so ``from_pretrained`` of any NASiam folder loads them.
     """
 
     has_attentions = False
@@ -423,9 +436,15 @@ class NASiamBackbone(BackboneMixin, NASiamPreTrainedModel):
         super().__init__(config)
         if getattr(self, "stage_names", None) is None and hasattr(self, "_init_backbone"):  # mixins of older 5.x
             self._init_backbone(config)
-        self.backbone = ResNetTrunk(config.backbone, config.cifar_stem, config.num_channels)
-        self.num_features = stage_channels(config.backbone)
+        self.backbone = build_trunk(config, serve_stages=True)
+        self.num_features = list(self.backbone.stage_channels)
         self.post_init()
+
+    def post_init(self):
+        # BackboneMixin.post_init installs output-capturing hooks on every sub-model again (transformers 5.24 does not
+        # check that a sub-model has them), so a transformers backbone inside would record each stage twice. This
+        # class records nothing itself: plain post_init.
+        NASiamPreTrainedModel.post_init(self)
 
     def forward(
         self,
@@ -439,7 +458,7 @@ class NASiamBackbone(BackboneMixin, NASiamPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        maps = self.backbone(pixel_values, return_stages=True)
+        maps = self.backbone(pixel_values, return_stages=True).feature_maps
         wanted = set(self.out_features)
         feature_maps = tuple(m for name, m in zip(self.stage_names, maps) if name in wanted)
         hidden_states = tuple(maps) if output_hidden_states else None

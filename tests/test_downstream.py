@@ -12,7 +12,6 @@ from conftest import run_without_package
 
 import nasiam_hf  # noqa: F401  (registers the Auto classes)
 from nasiam_hf import NASiamBackbone, NASiamConfig, NASiamForImageClassification, NASiamForPreTraining, NASiamModel
-from nasiam_hf.backbones import stage_channels
 from nasiam_hf.commands.finetune import main as finetune_main
 from nasiam_hf.data import build_transform
 from nasiam_hf.processing import build_image_processor, image_processor_for_config
@@ -142,11 +141,12 @@ def test_freeze_backbone_trains_the_classifier_only():
     assert all(p.requires_grad for p in model.parameters()) and model.nasiam.training
 
 
-@pytest.mark.parametrize("backbone,cifar_stem,size", [("resnet18", True, 8), ("resnet50", False, 32)])
-def test_backbone_feature_maps(backbone, cifar_stem, size):
+@pytest.mark.parametrize("backbone,cifar_stem,size,channels", [
+    ("resnet18", True, 8, [64, 64, 128, 256, 512]), ("resnet50", False, 32, [64, 256, 512, 1024, 2048])])
+def test_backbone_feature_maps(backbone, cifar_stem, size, channels):
     config = NASiamConfig(backbone=backbone, cifar_stem=cifar_stem, image_size=size, out_indices=[0, 2, 4])
     model = NASiamBackbone(config).eval()
-    assert model.num_features == stage_channels(backbone)
+    assert model.num_features == channels  # torchvision's stage widths
     assert model.out_features == ["stem", "stage2", "stage4"]
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():

@@ -279,3 +279,11 @@ def test_pretraining_folder_exports_like_its_model(tmp_path):
         assert torch.equal(weights[key], value), key
     convert_main(["torchvision", str(tmp_path / "pre"), str(tmp_path / "cli.safetensors")])
     assert load_file(tmp_path / "cli.safetensors").keys() == weights.keys()
+
+
+def test_resnet_only_exports_refuse_other_backbones(tmp_path):
+    model = NASiamModel(NASiamConfig(backbone="timm/resnet18", projection_dim=32, projector_hidden_size=32))
+    for export in (export_torchvision, export_detectron2):
+        with pytest.raises(ValueError, match="write ResNets, and this model's backbone is a timm one"):
+            export(model, tmp_path / "x.out")
+    assert not (tmp_path / "x.out").exists()
