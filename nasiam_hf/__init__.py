@@ -9,7 +9,8 @@ from transformers import (
 )
 
 from .arguments import FinetuneCommand, LinearEvalCommand, PretrainCommand, SearchCommand
-from .configuration_nasiam import FRAMEWORKS, NASiamConfig
+from .backbones import backbone_config_values
+from .configuration_nasiam import FRAMEWORKS, NASiamConfig, NASiamConfigError
 from .modeling_nasiam import (
     NASiamBackbone,
     NASiamForArchitectureSearch,
@@ -58,8 +59,10 @@ __all__ = [
     "PRESETS",
     "SEARCH_SPACES",
     "Genotype",
+    "backbone_config_values",
     "NASiamBackbone",
     "NASiamConfig",
+    "NASiamConfigError",
     "NASiamForArchitectureSearch",
     "NASiamForImageClassification",
     "NASiamForPreTraining",

@@ -115,6 +115,10 @@ class DataArguments:
     image_size: int | None = flag(
         None, "Training resolution (default: the policy's size, CIFAR 32 or ImageNet 224, chosen from a sample of "
               "images, or what the pretrained weights expect).")
+    image_mean: str | None = flag(
+        None, "Normalisation mean, three comma-separated values (default: the pretrained weights' statistics with "
+              "--backbone_weights, else the dataset's: CIFAR or ImageNet).")
+    image_std: str | None = flag(None, "Normalisation std, three comma-separated values (default: as --image_mean).")
     no_augmentation: bool = flag(
         False, "Ablation (paper Table II): no augmentation, both views are the same image; for linear evaluation, "
                "the probe trains on cached features.")
@@ -140,6 +144,25 @@ class DataArguments:
             raise ValueError(f"pass exactly one of --dataset_name, --train_file, --train_dir; got {given}")
         if self.validation_file is not None and self.validation_dir is not None:
             raise ValueError("pass at most one of --validation_file and --validation_dir")
+        self.statistics()
+
+    def statistics(self) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+        """``--image_mean`` and ``--image_std`` as tuples of three floats (None when not given)."""
+        values = []
+        for name in ("image_mean", "image_std"):
+            text = getattr(self, name)
+            if text is None:
+                values.append(None)
+                continue
+            try:
+                numbers = tuple(float(v) for v in text.split(","))
+            except ValueError:
+                numbers = ()
+            if len(numbers) != 3 or (name == "image_std" and min(numbers) <= 0):
+                raise ValueError(f"--{name} must be three comma-separated numbers"
+                                 + (" above 0" if name == "image_std" else "") + f", e.g. 0.5,0.5,0.5; got {text!r}")
+            values.append(numbers)
+        return values[0], values[1]
 
     def require_source(self) -> None:
         """The training data source is needed by every command; checked before anything is loaded."""

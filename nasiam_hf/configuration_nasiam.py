@@ -146,6 +146,8 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
         search_space: the ops searched over (``"S"``, ``"S_no_pool"``, or e.g. ``"S,linear_mish"``).
         temperature: SimCLR / MoCo v2 softmax temperature. queue_size: MoCo v2 queue length.
         momentum: MoCo v2 key-encoder momentum, BYOL's base EMA momentum (it rises to 1 along a cosine).
+        key_bn_splits: MoCo v2: the key batch is shuffled and cut into this many BatchNorm groups (Shuffle-BN /
+            SplitBatchNorm, :func:`nasiam_hf.objectives.shuffled_key_encode`); None: one group, as the query's.
         image_size: the training resolution, used by the image processor and the card.
     """
 
@@ -176,6 +178,7 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
     temperature: float | int | None = None
     queue_size: int | None = None
     momentum: float | int | None = None
+    key_bn_splits: int | None = None
 
     def __post_init__(self, **kwargs):
         for key in DERIVED_KEYS:
@@ -261,6 +264,10 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if self.queue_size is not None:
             _positive_int(self, "queue_size")
+        if self.key_bn_splits is not None:
+            if self.framework != "mocov2":
+                raise ValueError(f"key_bn_splits applies to mocov2 only, not to framework {self.framework!r}")
+            _positive_int(self, "key_bn_splits")
 
     # -- loading --------------------------------------------------------------------------------------------------
     @classmethod

@@ -138,7 +138,7 @@ def run_finetune(command: FinetuneCommand) -> Path:
     opt = plan.optimization
     model = load_classifier(command.model.model_name_or_path, splits.num_labels, splits.id2label, splits.label2id)
     config = model.config
-    if config.cifar_stem != (splits.policy == "cifar"):
+    if config.backbone_kind == "torchvision" and config.cifar_stem != (splits.policy == "cifar"):
         accelerator.print(
             f"warning: the backbone has the {'CIFAR' if config.cifar_stem else 'ImageNet'} stem but the data follows "
             f"the {splits.policy} policy ({splits.image_size}px); features may transfer poorly"

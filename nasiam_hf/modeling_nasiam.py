@@ -38,6 +38,7 @@ from .objectives import (
     ema_update,
     mocov2_loss,
     nt_xent_loss,
+    shuffled_key_encode,
     simsiam_loss,
 )
 
@@ -252,7 +253,11 @@ class NASiamForPreTraining(NASiamPreTrainedModel):
 
     @torch.no_grad()
     def _momentum_encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.momentum_projector(self.momentum_backbone(pixel_values))
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            return self.momentum_projector(self.momentum_backbone(images))
+
+        splits = self.config.key_bn_splits
+        return shuffled_key_encode(encode, pixel_values, splits) if splits else encode(pixel_values)
 
     def forward(
         self,

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .arguments import (
-    FinetuneCommand, LinearEvalCommand, ObjectiveArguments, OptimizationArguments, PretrainCommand, SearchCommand,
+    BackboneArguments, FinetuneCommand, LinearEvalCommand, ObjectiveArguments, OptimizationArguments, PretrainCommand,
+    SearchCommand,
 )
+from .backbones import backbone_config_values, is_torchvision_backbone
 from .configuration_nasiam import FRAMEWORK_DEFAULTS, NASiamConfig, check_preset
 from .folders import require_genotype_source
 from .optimization import scaled_lr
@@ -127,10 +129,21 @@ class SearchPlan:
         return dataclasses.asdict(self)
 
 
-def check_search_flags(command: SearchCommand) -> None:
-    """Before any data: flags that the chosen framework would ignore."""
+def backbone_values(model: BackboneArguments, cache_dir: str | None = None) -> dict[str, Any]:
+    """Config values of ``--backbone`` / ``--backbone_kwargs`` (empty when no backbone is given: the genotype's);
+    reads a transformers config folder or Hub id, so a bad value fails before any data is loaded."""
+    if model.backbone is None:
+        if model.backbone_kwargs is not None:
+            raise ValueError("--backbone_kwargs needs --backbone (the timm model it configures)")
+        return {}
+    return backbone_config_values(model.backbone, model.kwargs, cache_dir=cache_dir)
+
+
+def check_search_flags(command: SearchCommand) -> dict[str, Any]:
+    """Before any data: flags that the chosen framework would ignore; returns the backbone's config values."""
     s = command.search
     check_objective_flags(command.objective, s.framework, predictor_layers=s.predictor_layers)
+    return backbone_values(command.model, command.data.cache_dir)
 
 
 def plan_search(command: SearchCommand, policy: str, image_size: int, num_processes: int,
@@ -140,14 +153,17 @@ def plan_search(command: SearchCommand, policy: str, image_size: int, num_proces
     name = recipe_name(s.recipe, policy)
     recipe = resolve_recipe(name, s.framework)
     block = recipe.search
-    config = dict(framework=s.framework, backbone=command.model.backbone, image_size=image_size,
-                  cifar_stem=policy == "cifar", search_space=s.search_space)
-    config.update(backbone_values or {})
+    config = dict(framework=s.framework, image_size=image_size, search_space=s.search_space,
+                  **(backbone_values or {"backbone": command.model.backbone}))
+    if is_torchvision_backbone(config["backbone"]):
+        config["cifar_stem"] = policy == "cifar"
     if s.projector_layers is not None:
         config["projector_layers"] = s.projector_layers
     if FRAMEWORK_DEFAULTS[s.framework]["predictor_layers"] and s.predictor_layers is not None:
         config["predictor_layers"] = s.predictor_layers
     config.update({**recipe.method_values(), **command.objective.given()})
+    if recipe.key_bn_splits and s.framework == "mocov2":
+        config["key_bn_splits"] = recipe.key_bn_splits
     NASiamConfig(**config)  # validates the combination before anything is built
     return SearchPlan(
         config=config,
@@ -188,11 +204,12 @@ def genotype_values(genotype: str) -> dict[str, Any]:
     return check_preset(genotype)
 
 
-def check_pretrain_flags(command: PretrainCommand) -> str:
-    """Before any data: the framework of the genotype, and refuse the flags it would ignore."""
+def check_pretrain_flags(command: PretrainCommand) -> dict[str, Any]:
+    """Before any data: refuse the flags the genotype's framework would ignore; returns the backbone's config
+    values (empty: the genotype's backbone)."""
     framework = genotype_values(command.pretrain.genotype)["framework"]
     check_objective_flags(command.objective, framework, no_fix_predictor_lr=command.pretrain.no_fix_predictor_lr)
-    return framework
+    return backbone_values(command.model, command.data.cache_dir)
 
 
 def plan_pretrain(command: PretrainCommand, policy: str, image_size: int, num_processes: int,
@@ -202,13 +219,17 @@ def plan_pretrain(command: PretrainCommand, policy: str, image_size: int, num_pr
     framework = values["framework"]
     name = recipe_name(command.pretrain.recipe, policy)
     recipe = resolve_recipe(name, framework)
-    backbone = command.model.backbone
-    if backbone is not None and backbone != values.get("backbone"):
+    if backbone_values and backbone_values.get("backbone") != values.get("backbone"):
         values.pop("projector_hidden_size", None)  # re-derive the width of the new backbone
-        values["backbone"] = backbone
+        for key in ("backbone", "backbone_kwargs", "backbone_config", "cifar_stem"):
+            values.pop(key, None)
     values.update(backbone_values or {})
-    values.update(image_size=image_size, cifar_stem=policy == "cifar")
+    values["image_size"] = image_size
+    if is_torchvision_backbone(values.get("backbone", "resnet18")):
+        values["cifar_stem"] = policy == "cifar"
     values.update({**recipe.method_values(), **command.objective.given()})
+    if recipe.key_bn_splits and framework == "mocov2":
+        values["key_bn_splits"] = recipe.key_bn_splits
     NASiamConfig(**values)
     return PretrainPlan(
         config=values,

@@ -16,11 +16,11 @@ from .fileio import atomic_write_json, read_json, staged_files
 from .modeling_nasiam import NASiamForPreTraining
 from .optimization import build_cosine_schedule, build_sgd, momentum_for_step, predictor_param_groups, weight_step
 from .plans import PretrainPlan, check_pretrain_flags, plan_pretrain
-from .processing import image_processor_for_splits
 from .feeds import num_samples, view_feed
 from .trainer import (
-    DeviceSums, StepLoop, bad_image_count, check_finite, describe_count, due, guard_output, make_accelerator,
-    mean_over_ranks, prepare_model_layout, report_bad_images, restore_positions, start_tracking,
+    DeviceSums, StepLoop, bad_image_count, check_finite, describe_backbone_of, describe_count, due, guard_output,
+    initialise_backbone, make_accelerator, mean_over_ranks, prepare_model_layout, report_bad_images, restore_positions,
+    start_tracking,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
     from .hub.push import checkpoint_pusher, push_run_folder
     from .search import mean_loss
 
-    check_pretrain_flags(command)
+    backbone = check_pretrain_flags(command)
     run, data, speed, monitor = command.run, command.data, command.speed, command.monitor
     accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
                                    command.optimization.gradient_accumulation_steps)
@@ -63,9 +63,12 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
     splits = load_splits(data, run.seed)
     for note in splits.notes:
         accelerator.print(note)
-    plan = plan_pretrain(command, splits.policy, splits.image_size, accelerator.num_processes)
+    plan = plan_pretrain(command, splits.policy, splits.image_size, accelerator.num_processes, backbone)
     opt = plan.optimization
     config = NASiamConfig(**plan.config)
+    model = NASiamForPreTraining(config)
+    splits, processor, starting_point = initialise_backbone(model, command.model.backbone_weights, splits, data,
+                                                            accelerator, data.cache_dir)
     on_device = speed.augmentation_device == "accelerator"
     source = splits.stream if splits.streaming else splits.train
     train_feed, make_views = view_feed(accelerator, splits, source, batch_size=opt.per_device_batch, seed=run.seed,
@@ -81,12 +84,11 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
                                                             num_workers=data.dataloader_num_workers)
                                                 for views in knn_sets.view_datasets(splits)))
 
-    model = prepare_model_layout(NASiamForPreTraining(config), accelerator, command.precision.channels_last,
-                                 speed.torch_compile)
+    model = prepare_model_layout(model, accelerator, command.precision.channels_last, speed.torch_compile)
     groups, fixed_groups = predictor_param_groups(model.parameters(), model.nasiam.predictor, plan.fix_predictor_lr)
     optimizer = build_sgd(groups, opt.lr, opt.weight_decay, opt.momentum, implementation=speed.optimizer_implementation)
     accelerator.print(
-        f"pretrain: {config.framework} / {config.backbone} ({'CIFAR stem' if config.cifar_stem else 'ImageNet stem'}), "
+        f"pretrain: {config.framework} / {describe_backbone_of(config)}, "
         f"projector {config.genotype('projector')}"
         + (f", predictor {config.genotype('predictor')}" if config.has_predictor else "")
         + f"; {describe_count(num_samples(source))} images, {opt.describe()}"
@@ -100,8 +102,7 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
     start_tracking(accelerator, command, "nasiam-pretrain")
 
     checkpointer = Checkpointer(accelerator, run.output_dir, run.checkpoints_total_limit, model=core,
-                                image_processor=image_processor_for_splits(splits),
-                                before_first_save=output.write_record)
+                                image_processor=processor, before_first_save=output.write_record)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "running": [0.0, 0.0, 0.0, 0],
              "low_collapse_epochs": 0,
              "history": {"epochs": [], "collapse_reference": config.collapse_floor, "framework": config.framework}}
@@ -188,7 +189,8 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
 
     if accelerator.is_main_process:
         output.write_record()
-        write_pretraining_outputs(core, state["history"], output_dir, command, plan, splits)
+        write_pretraining_outputs(core, state["history"], output_dir, command, plan, splits, processor,
+                                  starting_point)
         accelerator.print(f"model saved to {output_dir} (load it with NASiamModel.from_pretrained)")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -200,19 +202,20 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
 
 
 def write_pretraining_outputs(model: NASiamForPreTraining, history: dict, output_dir: Path,
-                              command: PretrainCommand, plan: PretrainPlan, splits) -> None:
+                              command: PretrainCommand, plan: PretrainPlan, splits, processor,
+                              starting_point: dict | None = None) -> None:
     """The model folder (weights, config, processor), history, plots, the run record and the model card, published
     as one version (:func:`~nasiam_hf.fileio.staged_files`): a reader sees the old model or the new one."""
     from .hub import plot_genotype, plot_training_history, save_run_metadata, write_model_card
-    from .processing import save_image_processor
 
     eval_path = output_dir / "eval_results.json"
     eval_results = read_json(eval_path) if eval_path.exists() else None
     with staged_files(output_dir) as staged:
         model.nasiam.save_pretrained(staged)
-        save_image_processor(staged, splits)
+        processor.save_pretrained(staged)
         atomic_write_json(staged / "training_history.json", history)
-        record = save_run_metadata(staged, command, command=command.name, resolved=plan.to_dict())
+        record = save_run_metadata(staged, command, command=command.name, resolved=plan.to_dict(),
+                                   starting_point=starting_point)
         plot_training_history(history, staged)
         plot_genotype(model.config, staged / "genotype.png")
         write_model_card(staged, model.config, training_args=read_json(record), eval_results=eval_results,

@@ -119,7 +119,32 @@ def save_image_processor(folder: str | os.PathLike, splits: "ImageSplits") -> Pa
     return Path(folder) / "preprocessor_config.json"
 
 
+def apply_preprocessing(splits: "ImageSplits", preprocessing: "Preprocessing | None" = None,
+                        mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+                        ) -> tuple["ImageSplits", "BitImageProcessor", str | None]:
+    """The data statistics and the saved image processor of a run: ``mean``/``std`` when the user gave them, else
+    those of the pretrained weights' ``preprocessing`` (timm's ``pretrained_cfg``, torchvision's transforms, a
+    folder's processor), else the dataset's. Returns the splits with those statistics (so the views are normalised
+    as the weights expect), the processor to save, and a line saying what was chosen (None: the dataset's)."""
+    import dataclasses
+
+    chosen_mean = mean if mean is not None else (preprocessing.mean if preprocessing else None)
+    chosen_std = std if std is not None else (preprocessing.std if preprocessing else None)
+    note = None
+    if chosen_mean is not None or chosen_std is not None:
+        splits = dataclasses.replace(splits, mean=tuple(chosen_mean or splits.mean),
+                                     std=tuple(chosen_std or splits.std))
+        where = "--image_mean/--image_std" if mean is not None or std is not None else preprocessing.source
+        note = f"normalisation mean {list(splits.mean)}, std {list(splits.std)} ({where})"
+    if preprocessing is not None:
+        processor = image_processor_for_preprocessing(preprocessing, splits.image_size, splits.mean, splits.std)
+    else:
+        processor = image_processor_for_splits(splits)
+    return splits, processor, note
+
+
 __all__ = [
+    "apply_preprocessing",
     "DEFAULT_STATS",
     "build_image_processor",
     "image_processor_for_config",

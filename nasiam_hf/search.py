@@ -31,10 +31,10 @@ from .search_methods import (
 )
 from .checkpoints import Checkpointer
 from .feeds import cycle_batches, num_samples, view_feed
-from .processing import image_processor_for_splits
 from .trainer import (
-    DeviceSums, StepLoop, bad_image_count, check_finite, describe_count, guard_output, make_accelerator,
-    mean_over_ranks, prepare_model_layout, report_bad_images, restore_positions, start_tracking,
+    DeviceSums, StepLoop, bad_image_count, check_finite, describe_backbone_of, describe_count, guard_output,
+    initialise_backbone, make_accelerator, mean_over_ranks, prepare_model_layout, report_bad_images, restore_positions,
+    start_tracking,
 )
 
 ARCH_OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -125,7 +125,8 @@ def search_epoch_record(model: NASiamForArchitectureSearch, epoch: int, train_lo
 
 def write_search_outputs(model: NASiamForArchitectureSearch, history: dict, output_dir: str | Path,
                          command: SearchCommand | None = None, plan: SearchPlan | None = None,
-                         genotype: dict[str, list[str]] | None = None) -> NASiamConfig:
+                         genotype: dict[str, list[str]] | None = None,
+                         starting_point: dict | None = None) -> NASiamConfig:
     """config.json (a pretraining-ready NASiamConfig of ``genotype``, default the argmax of the alphas),
     genotype.json, search_history.json, the run record and the plots, published together."""
     from .hub import plot_genotype, plot_search_history, save_run_metadata
@@ -139,7 +140,7 @@ def write_search_outputs(model: NASiamForArchitectureSearch, history: dict, outp
         atomic_write_json(staged / "search_history.json", history)
         if command is not None:
             save_run_metadata(staged, command, command=command.name,
-                              resolved=plan.to_dict() if plan is not None else None)
+                              resolved=plan.to_dict() if plan is not None else None, starting_point=starting_point)
         plot_search_history(history, staged)
         plot_genotype(config, staged / "genotype.png")
     return config
@@ -153,7 +154,7 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     from .data import load_splits, split_in_halves
     from .hub.push import checkpoint_pusher, push_run_folder
 
-    check_search_flags(command)
+    backbone = check_search_flags(command)
     run, data, speed = command.run, command.data, command.speed
     accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
                                    command.optimization.gradient_accumulation_steps)
@@ -161,8 +162,12 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     splits = load_splits(data, run.seed)
     for note in splits.notes:
         accelerator.print(note)
-    plan = plan_search(command, splits.policy, splits.image_size, accelerator.num_processes)
+    plan = plan_search(command, splits.policy, splits.image_size, accelerator.num_processes, backbone)
     opt = plan.optimization
+    config = NASiamConfig(**plan.config)
+    supernet = NASiamForArchitectureSearch(config)
+    splits, processor, starting_point = initialise_backbone(supernet, command.model.backbone_weights, splits, data,
+                                                            accelerator, data.cache_dir)
     if splits.streaming:  # halves by a seeded hash of each sample's key
         train_half, val_half = splits.stream.halves(plan.train_portion, run.seed)
     else:
@@ -184,11 +189,10 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
         with torch.no_grad():
             return cache_backbone_features(supernet, batches)
 
-    config = NASiamConfig(**plan.config)
-    model = prepare_model_layout(NASiamForArchitectureSearch(config), accelerator, command.precision.channels_last,
-                                 speed.torch_compile)
+    model = prepare_model_layout(supernet, accelerator, command.precision.channels_last, speed.torch_compile)
     accelerator.print(
-        f"search: {config.framework} / {config.backbone}, space {config.search_space} {list(config.search_ops)}, "
+        f"search: {config.framework} / {describe_backbone_of(config)}, space {config.search_space} "
+        f"{list(config.search_ops)}, "
         f"{describe_count(num_samples(train_half))} train + {describe_count(num_samples(val_half))} val images, "
         f"{opt.describe()}" + (", fixed predictor lr" if plan.fix_predictor_lr else "")
     )
@@ -206,8 +210,7 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     start_tracking(accelerator, command, "nasiam-search")
 
     checkpointer = Checkpointer(accelerator, run.output_dir, run.checkpoints_total_limit, model=supernet,
-                                image_processor=image_processor_for_splits(splits),
-                                before_first_save=output.write_record)
+                                image_processor=processor, before_first_save=output.write_record)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "val_epoch": 0, "val_step": 0,
              "history": {"ops": list(config.search_ops), "epochs": []}, "running": [0.0, 0.0, 0.0, 0, 0]}
     state = checkpointer.resume(output.resume_from, state)
@@ -270,7 +273,7 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     if accelerator.is_main_process:
         output.write_record()
         final = write_search_outputs(supernet, state["history"], run.output_dir, command, plan,
-                                     genotype=discretization.genotype)
+                                     genotype=discretization.genotype, starting_point=starting_point)
         accelerator.print(f"genotype: projector {final.projector_genotype}, predictor {final.predictor_genotype}")
         accelerator.print(f"search outputs written to {run.output_dir}")
     accelerator.wait_for_everyone()

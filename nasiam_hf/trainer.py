@@ -54,6 +54,31 @@ def guard_output(command: Command, accelerator: Accelerator) -> OutputPlan:
                             resume=run.resume_from_checkpoint, overwrite=run.overwrite_output_dir)
 
 
+def initialise_backbone(model: torch.nn.Module, weights: str | None, splits, data, accelerator: Accelerator,
+                        cache_dir: str | None = None):
+    """Start the backbone of a freshly built ``model`` from ``--backbone_weights`` (when given) and choose the
+    normalisation: ``--image_mean/--image_std``, else the weights', else the dataset's. Returns
+    ``(splits with those statistics, the image processor to save, the starting point as a dict or None)``."""
+    from .backbone_weights import load_backbone_weights
+    from .processing import apply_preprocessing
+
+    init = load_backbone_weights(model, weights, cache_dir=cache_dir) if weights else None
+    if init is not None:
+        accelerator.print(f"backbone weights: {init.note or init.source}")
+    mean, std = data.statistics()
+    splits, processor, note = apply_preprocessing(splits, init.preprocessing if init else None, mean, std)
+    if note:
+        accelerator.print(note)
+    return splits, processor, init.to_dict() if init else None
+
+
+def describe_backbone_of(config) -> str:
+    """The backbone for the start-up line: ``resnet18 (CIFAR stem)``, ``timm/vit_tiny_patch16_224 (timm)``..."""
+    if config.backbone_kind == "torchvision":
+        return f"{config.backbone} ({'CIFAR' if config.cifar_stem else 'ImageNet'} stem)"
+    return f"{config.backbone} ({config.backbone_kind}, {config.hidden_size} features)"
+
+
 def is_multi_gpu(accelerator: Accelerator) -> bool:
     return accelerator.num_processes > 1 and accelerator.device.type == "cuda"
 
@@ -61,23 +86,28 @@ def is_multi_gpu(accelerator: Accelerator) -> bool:
 def prepare_model_layout(model: torch.nn.Module, accelerator: Accelerator, channels_last: bool,
                          torch_compile: bool = False) -> torch.nn.Module:
     """SyncBatchNorm only on several GPUs (it raises on CPU/gloo); optional channels_last memory format; optional
-    in-place ``torch.compile`` of every ResNet trunk.
+    in-place ``torch.compile`` of every backbone trunk.
 
     ``channels_last`` also marks the model (``uses_channels_last``) so the step functions convert their input
     batches, which makes the first convolution read channels_last too. Compiling goes through ``Module.compile()``,
     which compiles the module's call in place: parameter names, ``state_dict`` and ``save_pretrained`` stay as they
     are (no ``_orig_mod.`` prefix).
     """
-    from .backbones import ResNetTrunk
+    from .backbones import BackboneTrunk
 
     if is_multi_gpu(accelerator):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # the online encoder only: MoCo's key encoder keeps per-process BatchNorm, or its Shuffle-BN would be undone
+        target = getattr(model, "nasiam", None)
+        if target is not None:
+            model.nasiam = torch.nn.SyncBatchNorm.convert_sync_batchnorm(target)
+        else:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model._nasiam_channels_last = bool(channels_last)
     if torch_compile:
         for module in model.modules():
-            if isinstance(module, ResNetTrunk):
+            if isinstance(module, BackboneTrunk):
                 module.compile(dynamic=False)
     return model
 

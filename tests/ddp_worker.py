@@ -31,7 +31,8 @@ def one_step_of_each(out: Path) -> None:
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(0)  # identical initial supernet on every rank
-    model = NASiamForArchitectureSearch(NASiamConfig(framework="simclr", image_size=8, projector_layers=2))
+    model = NASiamForArchitectureSearch(NASiamConfig(framework="simclr", image_size=8, projector_layers=2,
+                                                       zero_init_residual=False))
     generator = torch.Generator().manual_seed(123)
     batch = 4
     views = torch.randn(2, world * batch, 3, 8, 8, generator=generator)

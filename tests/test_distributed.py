@@ -52,7 +52,8 @@ def test_ddp_steps_equal_one_process_accumulating_both_shards(search_run):
     before = load_file(out / "step_before.safetensors")
     views = load_file(out / "step_batch.safetensors")["views"]
     ranks = [load_file(out / f"step_rank{r}.safetensors") for r in (0, 1)]
-    model = NASiamForArchitectureSearch(NASiamConfig(framework="simclr", image_size=8, projector_layers=2)).train()
+    model = NASiamForArchitectureSearch(NASiamConfig(framework="simclr", image_size=8, projector_layers=2,
+                                                       zero_init_residual=False)).train()
     model.load_state_dict(before)
     shards = [(views[0, i * 4:(i + 1) * 4], views[1, i * 4:(i + 1) * 4]) for i in range(2)]
 

@@ -176,6 +176,17 @@ def _eval_entries(eval_results: Mapping | None, default_dataset: str | None) -> 
     return entries, rows
 
 
+def _starting_point(training_args: Mapping[str, Any] | None) -> str | None:
+    """The backbone's initial weights as the run record has them (``--backbone_weights``), else None (random)."""
+    start = (training_args or {}).get("starting_point")
+    if not isinstance(start, Mapping):
+        return None
+    new = start.get("new") or []
+    return (f"`--backbone_weights {start.get('spec')}` ({start.get('source')}; {start.get('num_loaded')} tensors "
+            f"loaded" + (f", {len(new)} new: {', '.join(new[:4])}{', ...' if len(new) > 4 else ''}" if new else "")
+            + ")")
+
+
 def _last_knn(history: Mapping | None) -> dict | None:
     if not isinstance(history, Mapping):
         return None
@@ -244,6 +255,9 @@ def write_model_card(
         title=f"NASiam-{framework} {backbone}" + (f" ({repo_id})" if repo_id else ""),
         framework_name=framework,
         backbone_name=backbone,
+        backbone_kind=config.backbone_kind,
+        backbone_requires=list(getattr(config, "backbone_requires", None) or []),
+        starting_point=_starting_point(training_args),
         cifar_stem=config.cifar_stem,
         image_size=config.image_size,
         hidden_size=config.hidden_size,
@@ -259,7 +273,7 @@ def write_model_card(
         predictor_rows=_genotype_rows(config, "predictor") if config.has_predictor else [],
         genotype_image=(folder / "genotype.png").is_file(),
         curve_images=[name for name in ("loss.png", "knn_accuracy.png", "collapse.png", "alphas.png",
-                                        "search_loss.png") if (folder / name).is_file()],
+                                        "search_loss.png", "search_diagnostics.png") if (folder / name).is_file()],
         dataset_label=_dataset_label(dataset_name) if dataset_name else None,
         recipe_rows=_recipe_rows(training_args),
         args_file=bool(training_args) or (folder / "training_args.json").is_file(),

@@ -34,7 +34,8 @@ def plot_genotype(config: "NASiamConfig", path: str | os.PathLike) -> Path:
 
     rows: list[tuple[str, list[tuple[str, str]]]] = []
     backbone = BACKBONE_NAMES.get(config.backbone, config.backbone)
-    stem = "CIFAR stem" if config.cifar_stem else "ImageNet stem"
+    stem = (("CIFAR stem" if config.cifar_stem else "ImageNet stem") if config.backbone_kind == "torchvision"
+            else config.backbone_kind)
     spec = config.head_spec("projector")
     boxes = [(f"{backbone}\n({stem})\n→ {config.hidden_size}", "#d9d9d9")]
     for op, (d_in, d_out, out) in zip(config.genotype("projector"), spec.layer_shapes()):
