@@ -227,8 +227,7 @@ def step_rate(policy: str, image_size: int, batch: int) -> float:
     from nasiam_hf import NASiamConfig
     from nasiam_hf.modeling_nasiam import NASiamForPreTraining
     from nasiam_hf.pretrain import build_pretraining_optimizer
-    from nasiam_hf.search import momentum_for_step, weight_step
-    from nasiam_hf.trainer import scaled_lr
+    from nasiam_hf.optimization import momentum_for_step, scaled_lr, weight_step
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     config = NASiamConfig(image_size=image_size, cifar_stem=policy == "cifar")

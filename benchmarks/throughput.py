@@ -209,11 +209,10 @@ def free() -> None:
 def bench_steps(args, variant: str, tmp: Path, compile_backbone: bool = False) -> dict:
     from nasiam_hf import NASiamConfig
     from nasiam_hf.modeling_nasiam import NASiamForArchitectureSearch, NASiamForPreTraining
-    from nasiam_hf.pretrain import build_pretraining_optimizer
-    from nasiam_hf.search import (
-        alpha_step, build_arch_optimizer, build_weight_optimizer, momentum_for_step, weight_step,
-    )
-    from nasiam_hf.trainer import Checkpointer, check_finite, prepare_model_layout, scaled_lr
+    from nasiam_hf.checkpoints import Checkpointer
+    from nasiam_hf.optimization import build_sgd, momentum_for_step, predictor_param_groups, scaled_lr, weight_step
+    from nasiam_hf.search import alpha_step, build_arch_optimizer
+    from nasiam_hf.trainer import check_finite, prepare_model_layout
 
     precision, channels_last = VARIANTS[variant]
     accelerator = new_accelerator(precision, args.device)
@@ -231,9 +230,8 @@ def bench_steps(args, variant: str, tmp: Path, compile_backbone: bool = False) -
     if not compile_backbone:
         config = NASiamConfig(framework=args.framework, image_size=args.image_size, **backbone_fields(args))
         supernet = prepare_model_layout(NASiamForArchitectureSearch(config), accelerator, channels_last)
-        weight_opt = build_weight_optimizer(supernet.weight_parameters(), lr, 5e-4,
-                                            implementation=args.optimizer_implementation)
-        arch_opt = build_arch_optimizer(supernet, None, 1e-3, args.optimizer_implementation)
+        weight_opt = build_sgd(supernet.weight_parameters(), lr, 5e-4, implementation=args.optimizer_implementation)
+        arch_opt = build_arch_optimizer(supernet, "adamw", 1e-3, 1e-3, args.optimizer_implementation)
         model, weight_opt, arch_opt = accelerator.prepare(supernet, weight_opt, arch_opt)
         core = accelerator.unwrap_model(model)
         model.train()
@@ -244,8 +242,8 @@ def bench_steps(args, variant: str, tmp: Path, compile_backbone: bool = False) -
 
     config = NASiamConfig.from_preset(args.preset, image_size=args.image_size, **backbone_fields(args))
     pre = prepare_model_layout(NASiamForPreTraining(config), accelerator, channels_last, torch_compile=compile_backbone)
-    optimizer, _ = build_pretraining_optimizer(pre, lr, 5e-4, config.framework == "simsiam",
-                                               args.optimizer_implementation)
+    groups, _ = predictor_param_groups(pre.parameters(), pre.nasiam.predictor, config.framework == "simsiam")
+    optimizer = build_sgd(groups, lr, 5e-4, implementation=args.optimizer_implementation)
     pre, optimizer = accelerator.prepare(pre, optimizer)
     pre.train()
     momentum = momentum_for_step(config, 0, 1)
@@ -281,7 +279,7 @@ def bench_optimizers(args) -> dict:
     from nasiam_hf import NASiamConfig
     from nasiam_hf.modeling_nasiam import NASiamForPreTraining
     from nasiam_hf.pretrain import build_pretraining_optimizer
-    from nasiam_hf.trainer import fused_optimizer_supported
+    from nasiam_hf.optimization import fused_optimizer_supported
 
     device = torch.device(args.device)
     memory = Memory(device)

@@ -20,8 +20,30 @@ from torch import distributed as dist
 
 from .arguments import Command, PrecisionArguments, TrackingArguments
 from .checkpoints import Checkpointer, OutputPlan, guard_output_dir
-from .errors import NonFiniteLossError, TrainingError
+from .errors import NonFiniteLossError, TrainingError, UsageError
 from .hub.metadata import redact_secrets
+
+
+# Accelerate engines other than DDP, by the environment variable `accelerate launch` sets from an accelerate config.
+UNSUPPORTED_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                       "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+WHY_DDP_ONLY = (
+    "nasiam-hf supports DDP (one process per device, on one machine or many): the search's alpha step runs the "
+    "unwrapped supernet and all-reduces the alpha gradients itself, which a sharding engine cannot serve, and every "
+    "model here fits on one device. Run `accelerate config` again and choose multi-GPU (or pass --multi_gpu)")
+
+
+def refuse_unsupported_engine(accelerator: Accelerator | None = None) -> None:
+    """Refuse FSDP, DeepSpeed and Megatron-LM, whether asked through the environment (an accelerate config: on a CPU
+    Accelerate would silently ignore an FSDP plugin, so the request itself is checked) or active in
+    ``accelerator``."""
+    for variable, name in UNSUPPORTED_ENGINES.items():
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes"):
+            raise UsageError(f"{name} was requested ({variable}=true, from the accelerate config): {WHY_DDP_ONLY}")
+    engine = str(getattr(accelerator, "distributed_type", "")).split(".")[-1].upper()
+    for name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        if engine == name:
+            raise UsageError(f"the accelerate engine is {name}: {WHY_DDP_ONLY}")
 
 
 def make_accelerator(output_dir: str | None, seed: int, precision: PrecisionArguments,
@@ -29,6 +51,7 @@ def make_accelerator(output_dir: str | None, seed: int, precision: PrecisionArgu
     """The run's Accelerator. Batches move to the device with non-blocking copies (the loaders pin their memory on
     CUDA machines), so the copy of the next batch overlaps the work already queued. Gradient accumulation counts
     micro-batches itself (``sync_with_dataloader=False``): one update is always exactly ``k`` micro-batches."""
+    refuse_unsupported_engine()
     with_tracking = tracking is not None and tracking.with_tracking
     accelerator = Accelerator(
         mixed_precision=precision.mixed_precision,
@@ -40,6 +63,7 @@ def make_accelerator(output_dir: str | None, seed: int, precision: PrecisionArgu
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=gradient_accumulation_steps, sync_with_dataloader=False),
     )
+    refuse_unsupported_engine(accelerator)
     set_seed(seed)
     return accelerator
 

@@ -26,7 +26,8 @@ from nasiam_hf.backbone_weights import BackboneWeightsError, load_backbone_weigh
 from nasiam_hf.backbones import backbone_config_values
 from nasiam_hf.configuration_nasiam import NASiamConfigError
 from nasiam_hf.processing import image_processor_for_preprocessing
-from nasiam_hf.search import alpha_step, build_arch_optimizer, build_weight_optimizer, weight_step
+from nasiam_hf.optimization import build_sgd, weight_step
+from nasiam_hf.search import alpha_step, build_arch_optimizer
 
 SMALL_HEADS = dict(projection_dim=32, projector_hidden_size=32, predictor_hidden_size=16, projector_layers=2,
                    predictor_layers=2)
@@ -87,7 +88,7 @@ def test_search_and_pretraining_steps_on_any_backbone(kind, width, stages, chann
     alpha_step(search, batch, build_arch_optimizer(search), accelerator)
     assert _changed(before, search) == arch  # the alpha step moves the alphas only, the backbone runs without grad
     before = {n: p.detach().clone() for n, p in search.named_parameters()}
-    weight_opt = build_weight_optimizer(search.weight_parameters(), lr=0.05, weight_decay=0.0)
+    weight_opt = build_sgd(search.weight_parameters(), lr=0.05, weight_decay=0.0)
     weight_step(search, batch, weight_opt, None, accelerator)
     changed = _changed(before, search)
     assert any(n.startswith("nasiam.backbone.") for n in changed) and not changed & arch

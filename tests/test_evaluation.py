@@ -25,7 +25,7 @@ from nasiam_hf.evaluation import (
     train_linear_probe,
     train_linear_probe_on_images,
 )
-from nasiam_hf.trainer import cosine_factor
+from nasiam_hf.optimization import cosine_factor
 
 
 @pytest.fixture(scope="module")

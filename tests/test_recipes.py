@@ -173,3 +173,72 @@ def test_resolve_recipe_rejects_unknown_names_and_scales_lr():
                                                                     "momentum": 0.999}
     assert resolve_recipe("cifar", "simsiam").method_values() == {}
     assert recipe_for_policy("imagenet") == "imagenet" and recipe_for_policy("cifar") == "cifar"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The same table, through the commands' own argument resolution (flags -> frozen arguments -> plan -> optimizer)
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_every_recipe_reaches_the_pretraining_config_and_optimizer(framework, recipe, tmp_path):
+    from nasiam_hf import NASiamConfig, NASiamForPreTraining, PretrainCommand
+    from nasiam_hf.optimization import build_sgd, predictor_param_groups
+    from nasiam_hf.plans import plan_pretrain
+
+    expected = resolve_recipe(recipe, framework)
+    command = PretrainCommand.parse(["--dataset_name", "demo", "--output_dir", str(tmp_path), "--genotype",
+                                     f"{framework}-baseline", "--recipe", recipe])
+    plan = plan_pretrain(command, policy="cifar", image_size=8, num_processes=2)
+    opt = plan.optimization
+    assert (opt.recipe, opt.global_batch, opt.per_device_batch) == (recipe, expected.batch_size,
+                                                                    expected.batch_size // 2)
+    assert (opt.base_lr, opt.weight_decay, opt.epochs, opt.momentum, opt.warmup_epochs) == (
+        expected.lr, expected.weight_decay, expected.epochs, expected.momentum, expected.warmup_epochs)
+    assert opt.lr == pytest.approx(expected.scaled_lr(expected.batch_size))
+    assert plan.fix_predictor_lr == expected.fix_predictor_lr
+    config = NASiamConfig(**plan.config)
+    for key, value in expected.method_values().items():  # temperature, queue, key momentum
+        assert getattr(config, key) == value, key
+    assert config.key_bn_splits == expected.key_bn_splits
+    assert config.zero_init_residual is expected.zero_init_residual
+    model = NASiamForPreTraining(config)
+    groups, fixed = predictor_param_groups(model.parameters(), model.nasiam.predictor, plan.fix_predictor_lr)
+    optimizer = build_sgd(groups, opt.lr, opt.weight_decay, opt.momentum)
+    assert all(g["lr"] == opt.lr and g["weight_decay"] == expected.weight_decay and g["momentum"] == expected.momentum
+               for g in optimizer.param_groups)
+    assert fixed == ((1,) if expected.fix_predictor_lr else ())
+
+
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_every_recipe_reaches_the_search(framework, recipe, tmp_path):
+    from nasiam_hf import NASiamConfig, SearchCommand
+    from nasiam_hf.plans import plan_search
+
+    expected = resolve_recipe(recipe, framework)
+    block = expected.search
+    command = SearchCommand.parse(["--dataset_name", "demo", "--output_dir", str(tmp_path), "--framework", framework,
+                                   "--recipe", recipe])
+    plan = plan_search(command, policy="cifar", image_size=8, num_processes=1)
+    opt = plan.optimization
+    assert (opt.global_batch, opt.base_lr, opt.weight_decay, opt.epochs, opt.momentum) == (
+        block.batch_size, block.lr, block.weight_decay, block.epochs, block.momentum)
+    assert (plan.fix_predictor_lr, plan.train_portion) == (block.fix_predictor_lr, block.train_portion)
+    assert (plan.arch_optimizer, plan.arch_lr, plan.arch_weight_decay, plan.arch_betas) == (
+        block.arch_optimizer, block.arch_lr, block.arch_weight_decay, block.arch_betas)
+    config = NASiamConfig(**plan.config)
+    for key, value in expected.method_values().items():
+        assert getattr(config, key) == value, key
+
+
+def test_explicit_flags_win_over_the_recipe(tmp_path):
+    from nasiam_hf import PretrainCommand
+    from nasiam_hf.plans import plan_pretrain
+
+    command = PretrainCommand.parse(["--dataset_name", "demo", "--output_dir", str(tmp_path), "--genotype",
+                                     "mocov2-baseline", "--recipe", "imagenet", "--queue_size", "128",
+                                     "--learning_rate", "0.5", "--per_device_train_batch_size", "16",
+                                     "--gradient_accumulation_steps", "4"])
+    plan = plan_pretrain(command, policy="imagenet", image_size=8, num_processes=2)
+    assert plan.config["queue_size"] == 128 and plan.config["temperature"] == 0.2  # flag, then recipe
+    assert plan.optimization.global_batch == 16 * 2 * 4 and plan.optimization.lr == pytest.approx(0.5 * 128 / 256)
