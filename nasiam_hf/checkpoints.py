@@ -262,6 +262,8 @@ def _partition(out: Path) -> tuple[list[Path], list[str]]:
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "unset"
     return json.dumps(value) if not isinstance(value, str) else repr(value)
 
 

@@ -234,8 +234,9 @@ def test_genotype_follows_alphas_and_derives_a_config():
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_a_few_steps_lower_the_loss(framework):
     """Twelve steps on two noisy views of the same images lower the loss by a margin far above what the order of
-    float reductions moves (the losses agree to ~0.01 with 1 and 2 threads; the margins are 2-5x below the drops
-    measured: SimSiam 0.14, BYOL 0.65, SimCLR 1.4, MoCo v2 0.27)."""
+    float reductions moves (the losses agree to ~0.01 with 1 and 2 threads). Measured drops: SimSiam 0.21, BYOL 0.69,
+    SimCLR 0.9; MoCo v2 starts near 0 (its 32-key queue is random, the momentum encoder equal to the online one) and
+    falls 4.5-fold."""
     torch.manual_seed(0)
     config = small_config(framework)
     model = NASiamForPreTraining(config).train()
@@ -251,8 +252,11 @@ def test_a_few_steps_lower_the_loss(framework):
         opt.zero_grad()
         model.momentum_update(0.9)
         losses.append(out.loss.item())
-    margin = {"simsiam": 0.07, "byol": 0.3, "simclr": 0.7, "mocov2": 0.15}[framework]
-    assert losses[-1] < losses[0] - margin, losses
+    if framework == "mocov2":
+        assert losses[-1] < 0.5 * losses[0], losses
+    else:
+        margin = {"simsiam": 0.1, "byol": 0.3, "simclr": 0.5}[framework]
+        assert losses[-1] < losses[0] - margin, losses
 
 
 def test_forward_needs_two_views():

@@ -25,11 +25,18 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+def start(plan):
+    """What a run does with its plan: apply it, and record its identity (with its first checkpoint or outputs)."""
+    plan.apply()
+    plan.write_record()
+    return plan
+
+
 def run_folder(root, checkpoint, steps=(6,), record=IDENTITY, model=False):
     """A run folder as a run leaves it: its record, checkpoints (hard-linked copies of a real one), maybe a model."""
     root.mkdir(parents=True, exist_ok=True)
     if record is not None:
-        decide_output_dir(root, record, mutable_keys=MUTABLE).apply()
+        start(decide_output_dir(root, record, mutable_keys=MUTABLE))
     for step in steps:
         shutil.copytree(checkpoint, root / "checkpoints" / f"step-{step:08d}", copy_function=os.link)
         state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -53,20 +60,20 @@ def test_a_new_folder_is_used_and_latest_starts_from_step_0(tmp_path):
     assert plan.action == "new" and plan.resume_from is None and "new run" in plan.message
     plan = decide(tmp_path / "new", resume="latest")
     assert plan.resume_from is None and "holds no checkpoint yet; starting from step 0" in plan.message
-    plan.apply()
+    start(plan)
     record = json.loads((tmp_path / "new" / "run_args.json").read_text())
     assert record["learning_rate"] == 0.06 and "hub_token" not in record and "output_dir" not in record
 
 
 def test_a_failed_run_does_not_block_the_corrected_rerun(tmp_path):
     out = tmp_path / "run"
-    decide(out, learning_rate=10.0).apply()  # the failed run: recorded at its start, then it died
+    start(decide(out, learning_rate=10.0))  # the failed run: recorded, then it died before a checkpoint
     (out / "training_history.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
     plan = decide(out)
     assert plan.action == "fresh" and "left nothing to keep" in plan.message and "learning_rate: 10.0 -> 0.06" in \
         plan.message
-    plan.apply()
+    start(plan)
     assert sorted(os.listdir(out)) == ["notes.txt", "run_args.json"]
     assert json.loads((out / "run_args.json").read_text())["learning_rate"] == 0.06
 
@@ -118,7 +125,7 @@ def test_overwrite_deletes_what_runs_write_and_keeps_the_rest(tmp_path, checkpoi
     assert plan.action == "overwrite"
     assert "deleting" in plan.message and "checkpoints/" in plan.message and "model.safetensors" in plan.message
     assert "keeping data, my_notes.txt (not written by nasiam-hf)" in plan.message
-    plan.apply()
+    start(plan)
     assert sorted(os.listdir(out)) == ["data", "my_notes.txt", "run_args.json"]
 
 
@@ -135,7 +142,7 @@ def test_other_tools_files_are_refused_unless_overwriting(tmp_path):
     with pytest.raises(OutputDirError, match=r"holds a folder of other files \(cat.png\)"):
         decide(other)
     plan = decide(out, overwrite=True)
-    plan.apply()
+    start(plan)
     assert sorted(os.listdir(out)) == ["run_args.json", "vocab.txt"]
 
 
@@ -152,7 +159,7 @@ def test_a_record_older_than_a_flag_compares_with_its_default(tmp_path, checkpoi
     identity = {**IDENTITY, "image_column": None}
     plan = decide_output_dir(out, identity, mutable_keys=MUTABLE, resume="latest", defaults={"image_column": None})
     assert plan.action == "resume"
-    with pytest.raises(OutputDirError, match=r"image_column: null -> 'pixels'"):
+    with pytest.raises(OutputDirError, match=r"image_column: unset -> 'pixels'"):
         decide_output_dir(out, {**identity, "image_column": "pixels"}, mutable_keys=MUTABLE, resume="latest",
                           defaults={"image_column": None})
 
@@ -186,7 +193,10 @@ def test_latest_skips_damaged_checkpoints_and_an_explicit_one_is_an_error(tmp_pa
 def test_guard_prints_and_applies_on_the_main_process(tmp_path, capsys):
     plan = guard_output_dir(Accelerator(cpu=True), tmp_path / "run", IDENTITY, mutable_keys=MUTABLE, resume="latest")
     assert "starting from step 0" in capsys.readouterr().out
-    assert plan.action == "new" and (tmp_path / "run" / "run_args.json").is_file()
+    # nothing is written before the run has something to keep: the record comes with the first checkpoint
+    assert plan.action == "new" and not (tmp_path / "run").exists()
+    plan.write_record()
+    assert json.loads((tmp_path / "run" / "run_args.json").read_text())["learning_rate"] == 0.06
 
 
 def test_checkpointer_replaces_rotates_and_names_a_load_that_fails(tmp_path):

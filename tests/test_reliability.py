@@ -135,7 +135,7 @@ def test_unknown_genotype_on_the_command_line(tiny_parquet, tmp_path, capsys):
         pretrain(tiny_parquet, tmp_path / "run", "--genotype", "simsiam-imagenet-resnet18")
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
-    assert "'simsiam-imagenet-resnet18' is neither a search output folder nor a preset" in message
+    assert "'simsiam-imagenet-resnet18' is neither a folder nor a preset" in message
     assert "simsiam-cifar10-resnet18" in message
 
 
