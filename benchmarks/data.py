@@ -226,13 +226,13 @@ def step_rate(policy: str, image_size: int, batch: int) -> float:
 
     from nasiam_hf import NASiamConfig
     from nasiam_hf.modeling_nasiam import NASiamForPreTraining
-    from nasiam_hf.pretrain import build_pretraining_optimizer
-    from nasiam_hf.optimization import momentum_for_step, scaled_lr, weight_step
+    from nasiam_hf.optimization import build_sgd, momentum_for_step, predictor_param_groups, scaled_lr, weight_step
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     config = NASiamConfig(image_size=image_size, cifar_stem=policy == "cifar")
     model = NASiamForPreTraining(config)
-    optimizer, _ = build_pretraining_optimizer(model, scaled_lr(0.06, batch), 5e-4, True, "auto")
+    groups, _ = predictor_param_groups(model.parameters(), model.nasiam.predictor, True)
+    optimizer = build_sgd(groups, scaled_lr(0.06, batch), 5e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     g = torch.Generator().manual_seed(0)
