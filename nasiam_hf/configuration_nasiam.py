@@ -24,7 +24,7 @@ try:  # transformers >= 5.20 moved the backbone helpers to the top level
 except ImportError:  # pragma: no cover - older 5.x
     from transformers.utils.backbone_utils import BackboneConfigMixin
 
-from .backbones import (
+from .backbone_specs import (
     TORCHVISION,
     BackboneInfo,
     backbone_kind,

@@ -50,9 +50,9 @@ def refresh_model_card(folder: Path, config, eval_results: dict, dataset_name: s
 def run_linear_eval(command: LinearEvalCommand) -> dict:
     """Linear probe (and kNN) on the frozen backbone features of a saved model; results to ``eval_results.json``."""
     from .data import load_splits, make_loader, view_dataset_for
-    from .evaluation import (
-        LinearProbeConfig, evaluate_classifier, extract_features, fit_probe_batch, knn_accuracy, knn_neighbourhood,
-        train_linear_probe, train_linear_probe_on_images,
+    from .evaluation import extract_features, knn_accuracy, knn_neighbourhood
+    from .linear_probe import (
+        LinearProbeConfig, evaluate_classifier, fit_probe_batch, train_linear_probe, train_linear_probe_on_images,
     )
     from .plans import plan_linear_eval
     from .trainer import make_accelerator

@@ -13,14 +13,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttenti
 from nasiam_hf import NASiamConfig, NASiamModel
 from nasiam_hf.evaluation import (
     KNNNeighbourhoodWarning,
-    LinearProbeConfig,
-    evaluate_classifier,
     evaluate_knn,
     extract_features,
-    fit_probe_batch,
     knn_accuracy,
     knn_neighbourhood,
     knn_predict,
+)
+from nasiam_hf.linear_probe import (
+    LinearProbeConfig,
+    evaluate_classifier,
+    fit_probe_batch,
     loader_global_batch,
     train_linear_probe,
     train_linear_probe_on_images,

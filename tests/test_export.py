@@ -19,11 +19,10 @@ from nasiam_hf.export import (
     export_detectron2,
     export_torchvision,
     import_torchvision,
-    load_official_checkpoint,
-    parse_official_genotype,
     read_torchvision_metadata,
     torchvision_resnet,
 )
+from nasiam_hf.official import load_official_checkpoint, parse_official_genotype
 
 
 @pytest.fixture(autouse=True)

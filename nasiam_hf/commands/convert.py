@@ -80,12 +80,12 @@ def run(args: argparse.Namespace) -> str:
         raise UsageError(f"--genotype {args.genotype!r} must be a genotype file of the official repository, but it "
                          f"is {inspect_path(args.genotype).what}")
     require_model_output(args.output)
-    from .. import export
     from ..fileio import staged_files
+    from ..official import load_official_checkpoint
     from ..processing import image_processor_for_config
 
     try:
-        model = export.load_official_checkpoint(args.checkpoint, genotype=args.genotype, framework=args.framework)
+        model = load_official_checkpoint(args.checkpoint, genotype=args.genotype, framework=args.framework)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise UsageError(f"CHECKPOINT {args.checkpoint!r} cannot be read as a checkpoint of the authors' code "
                          f"({' '.join(str(error).split())[:200]})") from error
