@@ -6,6 +6,7 @@
   :func:`import_torchvision` turns any torchvision ResNet-18/34/50 state dict into a :class:`NASiamModel`.
 * **detectron2**: :func:`export_detectron2` writes the pickle detectron2 reads for ``MODEL.WEIGHTS`` (the layout
   of MoCo's ``convert-pretrain-to-detectron2.py``: renamed numpy arrays under ``"model"``, ``matching_heuristics``).
+* **a training checkpoint**: :func:`export_checkpoint` writes the model of a checkpoint as a model folder.
 * **the authors' code**: :mod:`nasiam_hf.official` imports their checkpoints and genotype files.
 
 Pickles are only ever written here (detectron2 has no other format); nothing in this package unpickles a file.
@@ -17,6 +18,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,9 @@ from torch import nn
 
 from .backbones import BackboneTrunk, ResNetTrunk, find_trunk
 from .configuration_nasiam import NASiamConfig
-from .fileio import atomic_write_bytes
+from .errors import DamagedCheckpointError
+from .fileio import atomic_write_bytes, atomic_write_json
+from .folders import CONFIG_FILE, read_trainer_state
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +304,65 @@ def export_detectron2(model_or_folder: Any, path: str | os.PathLike, allow_cifar
     return atomic_write_bytes(path, pickle.dumps(payload, protocol=4))
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# A checkpoint as a model folder
+# ---------------------------------------------------------------------------------------------------------------------
+def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike) -> str:
+    """Write the model of a checkpoint as a folder that loads without the training state; returns a summary line.
+
+    A pretraining checkpoint gives its :class:`NASiamModel` (as the end of the run would: without the momentum
+    encoder and queue), a fine-tuning checkpoint its classifier, a search checkpoint the genotype found so far
+    (``config.json`` + ``genotype.json`` + ``search_history.json``, usable as ``--genotype``). The image processor is
+    the checkpoint's when it has one. Everything is published at once (:func:`~nasiam_hf.fileio.staged_files`).
+    """
+    from safetensors.torch import load_file
+
+    from . import modeling_nasiam
+    from .configuration_nasiam import NASiamConfig
+    from .fileio import staged_files
+    from .folders import require_exportable_checkpoint, require_model_output
+    from .processing import image_processor_for_config
+
+    info = require_exportable_checkpoint(checkpoint)
+    require_model_output(output)
+    path, output = info.path, Path(output)
+    architecture = info.config["architectures"][0]
+    config = NASiamConfig.from_pretrained(path)
+    model = getattr(modeling_nasiam, architecture)(config)
+    weights = load_file(os.fspath(path / "model.safetensors"))
+    if weights and all(k.startswith("module.") for k in weights):  # saved from a DDP-wrapped model
+        weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise DamagedCheckpointError(f"the weights of {str(path)!r} do not fit its {CONFIG_FILE} "
+                                     f"({' '.join(str(error).split())[:300]})") from None
+    state = read_trainer_state(path)
+    history = state.get("history") or {}
+    with staged_files(output) as staged:
+        if architecture == "NASiamForArchitectureSearch":
+            genotype = model.genotype()
+            model.derive_config().save_pretrained(staged)
+            atomic_write_json(staged / "genotype.json", genotype)
+            atomic_write_json(staged / "search_history.json", {**history, "genotype": genotype})
+            what = f"the genotype found so far ({genotype})"
+        else:
+            target = model.nasiam if architecture == "NASiamForPreTraining" else model
+            target.save_pretrained(staged)
+            processor = path / "preprocessor_config.json"
+            if processor.is_file():
+                shutil.copyfile(processor, staged / processor.name)
+            else:
+                image_processor_for_config(config).save_pretrained(staged)
+            if history:
+                atomic_write_json(staged / "training_history.json", history)
+            what = f"its {type(target).__name__}" + ("" if processor.is_file() else
+                                                     " (with default normalisation statistics: check them)")
+    return f"wrote {output}: {what}, from {path} (epoch {state['epoch']}, step {state['global_step']})"
+
+
 __all__ = [
+    "export_checkpoint",
     "backbone_of",
     "describe_state_dict",
     "detectron2_key",

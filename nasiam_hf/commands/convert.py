@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> str:
     from ..folders import FolderKind, inspect_path, require_model, require_model_output
 
     if args.target == "checkpoint":
-        from ..checkpoints import export_checkpoint
+        from ..export import export_checkpoint
 
         return export_checkpoint(args.checkpoint, args.output)
     if args.target in ("torchvision", "detectron2"):
