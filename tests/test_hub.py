@@ -110,7 +110,7 @@ def _assert_png(path):
 
 def test_plot_search_history_writes_alphas_and_losses(tmp_path):
     written = plot_search_history(_search_history(), tmp_path)
-    assert [p.name for p in written] == ["alphas.png", "search_loss.png"]
+    assert [p.name for p in written] == ["alphas.png", "search_loss.png", "search_diagnostics.png"]
     for path in written:
         _assert_png(path)
     # A projector-only search (SimCLR, MoCo v2) and a single epoch plot too.
