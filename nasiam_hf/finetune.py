@@ -26,6 +26,7 @@ import torch
 
 from .arguments import FinetuneCommand
 from .checkpoints import Checkpointer
+from .configuration_nasiam import NASiamConfig
 from .feeds import LoaderFeed
 from .fileio import atomic_write_json, read_json, staged_files
 from .folders import require_model
@@ -133,7 +134,9 @@ def run_finetune(command: FinetuneCommand) -> Path:
     accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
                                    command.optimization.gradient_accumulation_steps)
     output = guard_output(command, accelerator)
-    splits = load_splits(data, run.seed, require_labels=True)
+    # fine-tune at the resolution the model was trained at, unless told otherwise (as the linear evaluation does)
+    trained_size = NASiamConfig.from_pretrained(command.model.model_name_or_path).image_size
+    splits = load_splits(data, run.seed, image_size=data.image_size or trained_size, require_labels=True)
     plan = plan_finetune(command, accelerator.num_processes)
     opt = plan.optimization
     model = load_classifier(command.model.model_name_or_path, splits.num_labels, splits.id2label, splits.label2id)

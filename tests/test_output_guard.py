@@ -29,7 +29,9 @@ def run_folder(root, checkpoint, steps=(6,), record=IDENTITY, model=False):
     """A run folder as a run leaves it: its record, checkpoints (hard-linked copies of a real one), maybe a model."""
     root.mkdir(parents=True, exist_ok=True)
     if record is not None:
-        decide_output_dir(root, record, mutable_keys=MUTABLE).apply()
+        plan = decide_output_dir(root, record, mutable_keys=MUTABLE)
+        plan.apply()
+        plan.write_record()  # a run records its identity with its first checkpoint
     for step in steps:
         shutil.copytree(checkpoint, root / "checkpoints" / f"step-{step:08d}", copy_function=os.link)
         state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -54,19 +56,25 @@ def test_a_new_folder_is_used_and_latest_starts_from_step_0(tmp_path):
     plan = decide(tmp_path / "new", resume="latest")
     assert plan.resume_from is None and "holds no checkpoint yet; starting from step 0" in plan.message
     plan.apply()
+    assert not (tmp_path / "new").exists()  # nothing is written until the run has something to keep
+    plan.write_record()
     record = json.loads((tmp_path / "new" / "run_args.json").read_text())
     assert record["learning_rate"] == 0.06 and "hub_token" not in record and "output_dir" not in record
 
 
 def test_a_failed_run_does_not_block_the_corrected_rerun(tmp_path):
     out = tmp_path / "run"
-    decide(out, learning_rate=10.0).apply()  # the failed run: recorded at its start, then it died
+    failed = decide(out, learning_rate=10.0)  # the failed run: recorded, then it died before a checkpoint
+    failed.apply()
+    failed.write_record()
     (out / "training_history.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
     plan = decide(out)
     assert plan.action == "fresh" and "left nothing to keep" in plan.message and "learning_rate: 10.0 -> 0.06" in \
         plan.message
     plan.apply()
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    plan.write_record()
     assert sorted(os.listdir(out)) == ["notes.txt", "run_args.json"]
     assert json.loads((out / "run_args.json").read_text())["learning_rate"] == 0.06
 
@@ -119,7 +127,7 @@ def test_overwrite_deletes_what_runs_write_and_keeps_the_rest(tmp_path, checkpoi
     assert "deleting" in plan.message and "checkpoints/" in plan.message and "model.safetensors" in plan.message
     assert "keeping data, my_notes.txt (not written by nasiam-hf)" in plan.message
     plan.apply()
-    assert sorted(os.listdir(out)) == ["data", "my_notes.txt", "run_args.json"]
+    assert sorted(os.listdir(out)) == ["data", "my_notes.txt"]
 
 
 def test_other_tools_files_are_refused_unless_overwriting(tmp_path):
@@ -136,7 +144,7 @@ def test_other_tools_files_are_refused_unless_overwriting(tmp_path):
         decide(other)
     plan = decide(out, overwrite=True)
     plan.apply()
-    assert sorted(os.listdir(out)) == ["run_args.json", "vocab.txt"]
+    assert sorted(os.listdir(out)) == ["vocab.txt"]
 
 
 def test_paths_that_cannot_be_a_folder(tmp_path):
@@ -186,7 +194,7 @@ def test_latest_skips_damaged_checkpoints_and_an_explicit_one_is_an_error(tmp_pa
 def test_guard_prints_and_applies_on_the_main_process(tmp_path, capsys):
     plan = guard_output_dir(Accelerator(cpu=True), tmp_path / "run", IDENTITY, mutable_keys=MUTABLE, resume="latest")
     assert "starting from step 0" in capsys.readouterr().out
-    assert plan.action == "new" and (tmp_path / "run" / "run_args.json").is_file()
+    assert plan.action == "new" and not (tmp_path / "run").exists()  # recorded later, with the first checkpoint
 
 
 def test_checkpointer_replaces_rotates_and_names_a_load_that_fails(tmp_path):

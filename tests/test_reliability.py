@@ -79,7 +79,7 @@ def test_output_dir_holding_a_different_run_is_refused(tiny_parquet, tmp_path, c
         pretrain(tiny_parquet, out, "--learning_rate", "0.1")
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
-    assert "already holds a different run" in message and "learning_rate: unset -> 0.1" in message
+    assert "already holds a different run" in message and "learning_rate: null -> 0.1" in message
     assert "--overwrite_output_dir" in message
     assert (out / "model.safetensors").read_bytes() == before  # untouched
     pretrain(tiny_parquet, out, "--resume_from_checkpoint", "latest")  # the same run may resume there
