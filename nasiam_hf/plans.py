@@ -224,6 +224,7 @@ def check_pretrain_flags(command: PretrainCommand) -> dict[str, Any]:
     check_objective_flags(command.objective, genotype["framework"],
                           no_fix_predictor_lr=command.pretrain.no_fix_predictor_lr)
     values = backbone_values(command.model, command.data.cache_dir)
+    # the --backbone, else the genotype's, else NASiamConfig's default (a baseline preset names none)
     check_backbone_weights(command.model, values.get("backbone") or genotype.get("backbone") or "resnet18")
     return values
 

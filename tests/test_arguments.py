@@ -1,5 +1,5 @@
 """Typed arguments end to end (issue 15): the parsed bundles are frozen, the resolution and a run of every engine
-leave them as they were, every command runs from a YAML (or JSON) config with flags overriding it, a run's
+leave them as they were, every command runs from a YAML config with flags overriding it, a run's
 ``training_args.json`` reruns it, config values are converted and checked like flags, ``--help`` documents every
 flag by group without importing the engines, and each command keeps its own defaults."""
 
@@ -178,7 +178,7 @@ def config_runs(data, tmp_path_factory):
         "eval": write_config(root / "eval.yaml", {
             **common, "model_name_or_path": str(root / "pretrain"), "output_dir": str(root / "eval"),
             "num_train_epochs": 3, "per_device_train_batch_size": 8, "knn_k": 5}),
-        "finetune": write_config(root / "finetune.json", {
+        "finetune": write_config(root / "finetune.yaml", {
             **common, "model_name_or_path": str(root / "pretrain"), "output_dir": str(root / "finetune"),
             "per_device_train_batch_size": 8, "max_train_steps": 3, "checkpointing_steps": "no",
             "learning_rate": 0.01}),
@@ -212,7 +212,7 @@ def test_every_command_runs_from_a_config_file_with_flags_over_it(config_runs):
     assert "effective lr 0.000625 (= 0.02 x 8/256)" in logs["pretrain"]  # the printed plan uses the flag's lr
     evaluated = json.loads((root / "eval" / "eval_results.json").read_text())
     assert evaluated["linear_probe"]["epochs"] == 1 and evaluated["knn"]["k_requested"] == 5
-    tuned = record(root / "finetune")  # a JSON config
+    tuned = record(root / "finetune")
     assert tuned["max_train_steps"] == 2 and tuned["learning_rate"] == 0.01
     assert len(json.loads((root / "finetune" / "finetune_history.json").read_text())["epochs"]) == 1
 
@@ -293,6 +293,8 @@ def test_config_values_are_converted_and_checked_like_flags(tmp_path):
         "timm/resnet18", "--backbone_kwargs", '{"drop_rate": 0.1}', "--image_mean", "0.5,0.5,0.5",
         "--checkpointing_steps", "100steps"])
     assert from_file == from_flags
+    as_json = write_config(tmp_path / "run.json", yaml.safe_load(config.read_text()))  # a JSON file reads the same
+    assert SearchCommand.parse(["--config", str(as_json)]) == from_flags
 
     base = {"dataset_name": "demo", "output_dir": str(tmp_path / "out")}
     refused = [
