@@ -520,6 +520,20 @@ class HubArguments:
     def __post_init__(self):
         if (self.push_to_hub or self.push_checkpoints) and not self.hub_model_id:
             raise ValueError("--push_to_hub and --push_checkpoints need --hub_model_id (e.g. your-name/nasiam-r18)")
+        if self.hub_revision is not None and not (self.push_to_hub or self.push_checkpoints):
+            raise ValueError(f"--hub_revision applies to --push_to_hub and --push_checkpoints only, and neither is "
+                             f"given (got --hub_revision {self.hub_revision!r})")
+        if self.hub_create_pr:
+            if not self.push_to_hub:
+                raise ValueError("--hub_create_pr applies to --push_to_hub only (the final upload opens the pull "
+                                 "request); add --push_to_hub")
+            if self.hub_revision not in (None, "main"):
+                raise ValueError(f"--hub_create_pr opens a pull request against main: drop --hub_revision "
+                                 f"{self.hub_revision!r}, or drop --hub_create_pr to commit to that branch")
+            if self.push_checkpoints:
+                raise ValueError("--push_checkpoints commits each checkpoint to the branch (--hub_revision, default "
+                                 "main) and cannot open pull requests: drop --hub_create_pr, or push to a branch "
+                                 "with --hub_revision")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .backbones import TIMM, TORCHVISION, TRANSFORMERS, BackboneTrunk, create_timm_model, find_trunk
+from .backbones import (
+    TIMM, TIMM_PREFIX, TORCHVISION, TORCHVISION_BACKBONES, TRANSFORMERS, BackboneTrunk, create_timm_model, find_trunk,
+)
 
 STEM_KEYS = ("conv1.", "bn1.")
 BACKBONE_NORM_KEYS = ("hidden_states_norms.",)
@@ -102,14 +104,7 @@ class _Source:
 def _torchvision_source(trunk: BackboneTrunk, spec: str, arch: str, cache_dir: str | None) -> _Source:
     from torchvision.models import get_model_weights
 
-    enum = get_model_weights(arch)
-    names = ["DEFAULT", *[w.name for w in enum]]
-    if spec not in names:
-        raise BackboneWeightsError(
-            f"backbone weights {spec!r} are not torchvision weights of {arch}; valid names: {names}, "
-            f"{LOCAL_ALTERNATIVE}"
-        )
-    weights = getattr(enum, spec)
+    weights = getattr(get_model_weights(arch), spec)  # a valid name: check_weights_spec said so
     folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
     if not (folder / Path(urlparse(weights.url).path).name).is_file() and hub_offline():
         raise _offline_error(spec, weights.url, folder)
@@ -254,28 +249,53 @@ def _transformers_source(trunk: BackboneTrunk, spec: str, where: str, cache_dir:
                    ignored=tuple(sorted(info.get("unexpected_keys") or ())))
 
 
-def _resolve_source(trunk: BackboneTrunk, spec: str, config: Any, cache_dir: str | None) -> _Source:
+def check_weights_spec(spec: str, backbone: str) -> None:
+    """Refuse a ``--backbone_weights`` value that ``backbone`` (a config's ``backbone`` name) cannot take, without
+    reading or downloading anything: the engines call this before any data is loaded."""
+    kind = TORCHVISION if backbone in TORCHVISION_BACKBONES else TIMM if backbone.startswith(TIMM_PREFIX) else \
+        TRANSFORMERS
     path = Path(spec)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise BackboneWeightsError(f"backbone weights {spec!r}: only .safetensors files are read (nothing is "
                                        "unpickled); convert it with safetensors.torch.save_file(state_dict, path)")
+        return
+    if path.is_dir():
+        return
+    if spec.endswith(".safetensors") or spec.startswith(("/", "./", "../", "~")):
+        raise BackboneWeightsError(f"backbone weights {spec!r}: no such file or folder")
+    if spec == "timm":
+        if kind != TIMM:
+            raise BackboneWeightsError(f"backbone weights 'timm' need a timm backbone (timm/<name>); this model's is "
+                                       f"{backbone!r}")
+        return
+    if kind == TORCHVISION:
+        from torchvision.models import get_model_weights
+
+        names = ["DEFAULT", *[w.name for w in get_model_weights(backbone)]]
+        if spec not in names:
+            raise BackboneWeightsError(f"backbone weights {spec!r} are not torchvision weights of {backbone}; valid "
+                                       f"names: {names}, {LOCAL_ALTERNATIVE}")
+    elif kind == TIMM:
+        raise BackboneWeightsError(f"backbone weights {spec!r} are not 'timm' nor a local file or folder (a timm "
+                                   f"backbone takes 'timm' for timm's pretrained weights, {LOCAL_ALTERNATIVE})")
+    # a transformers backbone takes any other value as a Hub id, read when it is fetched
+
+
+def _resolve_source(trunk: BackboneTrunk, spec: str, config: Any, cache_dir: str | None) -> _Source:
+    check_weights_spec(spec, config.backbone)
+    path = Path(spec)
+    if path.is_file():
         from safetensors.torch import load_file
 
         return _Source(load_file(os.fspath(path)), f"file {spec}")
     if path.is_dir():
         return _folder_source(trunk, spec, path, config)
     if spec == "timm":
-        if trunk.kind != TIMM:
-            raise BackboneWeightsError(f"backbone weights 'timm' need a timm backbone (timm/<name>); this model's is "
-                                       f"{config.backbone!r}")
         return _timm_source(trunk, spec, config, cache_dir)
     if trunk.kind == TORCHVISION:
         return _torchvision_source(trunk, spec, config.backbone, cache_dir)
-    if trunk.kind == TRANSFORMERS:
-        return _transformers_source(trunk, spec, spec, cache_dir)
-    raise BackboneWeightsError(f"backbone weights {spec!r} are not 'timm' nor a local file or folder (a timm "
-                               f"backbone takes 'timm' for timm's pretrained weights, {LOCAL_ALTERNATIVE})")
+    return _transformers_source(trunk, spec, spec, cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -363,5 +383,5 @@ def load_backbone_weights(model: nn.Module, spec: str, *, cache_dir: str | None 
                         ignored=tuple(sorted(ignored)), note=note, preprocessing=source.preprocessing)
 
 
-__all__ = ["BackboneInit", "BackboneWeightsError", "Preprocessing", "load_backbone_weights",
+__all__ = ["BackboneInit", "BackboneWeightsError", "Preprocessing", "check_weights_spec", "load_backbone_weights",
            "processor_preprocessing"]

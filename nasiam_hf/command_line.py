@@ -70,7 +70,8 @@ def _convert(key: str, value: Any, action: argparse.Action, where: str) -> Any:
             converted = [convert(str(v)) if convert else v for v in items]
         elif isinstance(value, bool):
             if getattr(convert, "__name__", "") != "string_to_bool":
-                raise ValueError("a boolean is not a valid value here")
+                raise ValueError("a boolean is not a valid value here; YAML reads yes/no/on/off/true/false as "
+                                 "booleans: quote the value, e.g. 'no'")
             converted = value
         elif isinstance(value, (dict, list)):
             if convert is not str:

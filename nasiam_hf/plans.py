@@ -43,8 +43,8 @@ def check_objective_flags(objective: ObjectiveArguments, framework: str, **other
     for name in given:
         allowed = FLAG_FRAMEWORKS[name]
         if framework not in allowed:
-            raise ValueError(f"--{name} does not apply to framework {framework!r}: only {' and '.join(allowed)} "
-                             "use it")
+            raise ValueError(f"--{name} does not apply to framework {framework!r}: it is used by "
+                             f"{' and '.join(allowed)} only")
 
 
 def recipe_name(requested: str | None, policy: str) -> str:
@@ -136,14 +136,27 @@ def backbone_values(model: BackboneArguments, cache_dir: str | None = None) -> d
         if model.backbone_kwargs is not None:
             raise ValueError("--backbone_kwargs needs --backbone (the timm model it configures)")
         return {}
+    if model.backbone_kwargs is not None and is_torchvision_backbone(model.backbone):
+        raise ValueError(f"--backbone_kwargs applies to timm (timm/<name>) and transformers backbones only, not to "
+                         f"the torchvision --backbone {model.backbone!r}")
     return backbone_config_values(model.backbone, model.kwargs, cache_dir=cache_dir)
+
+
+def check_backbone_weights(model: BackboneArguments, backbone: str) -> None:
+    """``--backbone_weights`` of the kind ``backbone`` can take, checked without reading or downloading anything."""
+    if model.backbone_weights is not None:
+        from .backbone_weights import check_weights_spec
+
+        check_weights_spec(model.backbone_weights, backbone)
 
 
 def check_search_flags(command: SearchCommand) -> dict[str, Any]:
     """Before any data: flags that the chosen framework would ignore; returns the backbone's config values."""
     s = command.search
     check_objective_flags(command.objective, s.framework, predictor_layers=s.predictor_layers)
-    return backbone_values(command.model, command.data.cache_dir)
+    values = backbone_values(command.model, command.data.cache_dir)
+    check_backbone_weights(command.model, command.model.backbone)
+    return values
 
 
 def plan_search(command: SearchCommand, policy: str, image_size: int, num_processes: int,
@@ -207,9 +220,13 @@ def genotype_values(genotype: str) -> dict[str, Any]:
 def check_pretrain_flags(command: PretrainCommand) -> dict[str, Any]:
     """Before any data: refuse the flags the genotype's framework would ignore; returns the backbone's config
     values (empty: the genotype's backbone)."""
-    framework = genotype_values(command.pretrain.genotype)["framework"]
-    check_objective_flags(command.objective, framework, no_fix_predictor_lr=command.pretrain.no_fix_predictor_lr)
-    return backbone_values(command.model, command.data.cache_dir)
+    genotype = genotype_values(command.pretrain.genotype)
+    check_objective_flags(command.objective, genotype["framework"],
+                          no_fix_predictor_lr=command.pretrain.no_fix_predictor_lr)
+    values = backbone_values(command.model, command.data.cache_dir)
+    # the --backbone, else the genotype's, else NASiamConfig's default (a baseline preset names none)
+    check_backbone_weights(command.model, values.get("backbone") or genotype.get("backbone") or "resnet18")
+    return values
 
 
 def plan_pretrain(command: PretrainCommand, policy: str, image_size: int, num_processes: int,
@@ -293,6 +310,7 @@ __all__ = [
     "OptimizationPlan",
     "PretrainPlan",
     "SearchPlan",
+    "check_backbone_weights",
     "check_objective_flags",
     "check_pretrain_flags",
     "check_search_flags",

@@ -39,6 +39,7 @@ def search_run(tiny_parquet, tmp_path_factory):
     return out, launch("search", out, flags)
 
 
+@pytest.mark.slow  # a two-process accelerate launch of a search (about 35 s here)
 def test_two_process_search_ranks_hold_the_same_alphas_and_weights(search_run):
     out, result = search_run
     assert "global batch 8" in result.stdout + result.stderr
@@ -47,6 +48,7 @@ def test_two_process_search_ranks_hold_the_same_alphas_and_weights(search_run):
     assert (out / "run" / "genotype.json").exists() and (out / "run" / "search_history.json").exists()
 
 
+@pytest.mark.slow  # uses the two-process search run
 def test_ddp_steps_equal_one_process_accumulating_both_shards(search_run):
     out, _ = search_run
     before = load_file(out / "step_before.safetensors")
@@ -84,6 +86,7 @@ def test_ddp_steps_equal_one_process_accumulating_both_shards(search_run):
     assert moved > 0.9 * len(checked)  # the step really changed the weights it compared
 
 
+@pytest.mark.slow  # a two-process accelerate launch of a pretraining (about 30 s here)
 def test_two_process_pretraining_shares_the_moco_queue(tiny_parquet, tmp_path):
     train, test = tiny_parquet
     flags = ["--train_file", str(train), "--validation_file", str(test), "--output_dir", str(tmp_path / "run"),

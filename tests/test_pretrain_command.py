@@ -35,6 +35,7 @@ def pretrained(tiny_parquet, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow  # an accelerate launch of a 2-epoch pretraining, then a linear evaluation
 def test_pretraining_writes_a_loadable_model_folder(pretrained):
     out, result = pretrained
     log = result.stdout + result.stderr
@@ -68,6 +69,7 @@ def test_pretraining_writes_a_loadable_model_folder(pretrained):
     assert "transformers" in args["package_versions"]
 
 
+@pytest.mark.slow  # uses the launched pretraining
 def test_linear_eval_reports_and_fills_the_card(pretrained):
     out, _ = pretrained
     results = json.loads((out / "eval_results.json").read_text())

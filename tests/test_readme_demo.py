@@ -12,6 +12,8 @@ import re
 import shlex
 import sys
 
+import pytest
+
 from conftest import readme_blocks, run_cli
 
 SECTION = "## The whole pipeline on the demo data"
@@ -26,6 +28,7 @@ def commands() -> list[str]:
     return [line.strip() for line in joined.splitlines() if line.strip().startswith("accelerate launch")]
 
 
+@pytest.mark.slow  # the README's demo commands, each a subprocess (about 3.5 minutes here)
 def test_readme_demo_pipeline_runs(tmp_path):
     lines = commands()
     assert [re.search(r"training/(\w+)\.py", line).group(1) for line in lines] == ["search", "pretrain", "linear_eval"]

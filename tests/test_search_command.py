@@ -28,6 +28,7 @@ def search_run(tiny_parquet, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow  # an accelerate launch of a 2-epoch search (about 4 minutes on a loaded 2-core machine)
 def test_search_writes_every_output(search_run):
     out, result = search_run
     assert "effective lr 0.001875 (= 0.06 x 8/256)" in result.stdout + result.stderr
@@ -67,6 +68,7 @@ def _final_alphas(folder):
     return torch.tensor([w for layers in history["epochs"][-1]["op_weights"].values() for w in layers])
 
 
+@pytest.mark.slow  # three search subprocesses, one stopped with SIGTERM and resumed
 def test_interrupted_search_resumes_to_the_same_alphas(tiny_parquet, tmp_path):
     train, _ = tiny_parquet
     common = [sys.executable, "training/search.py", "--train_file", str(train), "--num_train_epochs", "4",

@@ -90,7 +90,8 @@ def _check_epochs(history: Mapping, what: str) -> list[Mapping]:
 
 
 def plot_search_history(history: Mapping, folder: str | os.PathLike) -> list[Path]:
-    """Plot a search run (the content of ``search_history.json``): ``alphas.png`` and ``search_loss.png``.
+    """Plot a search run (the content of ``search_history.json``): ``alphas.png``, ``search_loss.png`` and
+    ``search_diagnostics.png``.
 
     ``alphas.png`` has one panel per layer of each cell, with the softmaxed weight of every op across epochs (one
     colour per op, the same in every panel); ``search_loss.png`` has the train and validation losses and, on a second

@@ -5,11 +5,14 @@ from __future__ import annotations
 import importlib
 import os
 import shlex
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ..checkpoints import STAGING_PREFIX
 from ..errors import PushError
 from ..fileio import HIDDEN_MODEL_PATTERNS
 from ..network import offline_mode
@@ -128,46 +131,67 @@ class CheckpointPusher:
     """``--push_checkpoints``: each checkpoint is uploaded in the background as it is written, under
     ``checkpoints/<name>`` of the repository, so a preempted run is on the Hub up to its last checkpoint.
 
-    A failed upload does not stop the training: it is reported when the next checkpoint is submitted and at
-    :meth:`wait` (the end of the run), which lets the uploads still running finish.
+    The upload reads a hard-linked snapshot of the checkpoint (:func:`snapshot_checkpoint`), since the run may delete
+    the checkpoint itself (``--checkpoints_total_limit``) before a slow upload has read it. A failed upload does not
+    stop the training: it is reported when the next checkpoint is submitted and at :meth:`wait` (the end of the run),
+    which lets the uploads still running finish.
     """
 
     def __init__(self, repo_id: str, *, token: str | None = None, private: bool = False, revision: str | None = None):
         self.repo_id, self.token, self.private, self.revision = repo_id, token, private, revision
-        self.pending: list[tuple[str, object]] = []
+        self.pending: list[tuple[str, object, Path]] = []
         self.errors: list[str] = []
 
     def submit(self, checkpoint: str | os.PathLike) -> None:
         self._collect(block=False)
         name = Path(checkpoint).name
+        snapshot = snapshot_checkpoint(checkpoint)
         try:
-            future = push_folder_to_hub(checkpoint, self.repo_id, token=self.token, private=self.private,
+            future = push_folder_to_hub(snapshot, self.repo_id, token=self.token, private=self.private,
                                         revision=self.revision, path_in_repo=f"checkpoints/{name}",
                                         commit_message=f"Checkpoint {name}", ignore_patterns=("*.tmp", "*.tmp/*"),
                                         run_as_future=True)
         except RuntimeError as error:  # offline, unreachable, refused: keep training, say it once per checkpoint
+            shutil.rmtree(snapshot, ignore_errors=True)
             self.errors.append(f"{name}: {str(error).splitlines()[0]}")
             print(f"warning: checkpoint {name} was not pushed: {str(error).splitlines()[0]}")
             return
-        self.pending.append((name, future))
+        self.pending.append((name, future, snapshot))
 
     def _collect(self, block: bool) -> None:
         still = []
-        for name, future in self.pending:
+        for name, future, snapshot in self.pending:
             if not block and not future.done():
-                still.append((name, future))
+                still.append((name, future, snapshot))
                 continue
             try:
                 future.result()
             except Exception as error:  # the upload thread's error, reported here
                 self.errors.append(f"{name}: {error}")
-                print(f"warning: checkpoint {name} was not pushed: {error}")
+                print(f"warning: checkpoint {name} was not pushed: {' '.join(str(error).split())[:300]}")
+            shutil.rmtree(snapshot, ignore_errors=True)
         self.pending = still
 
     def wait(self) -> list[str]:
         """Wait for the uploads still running; returns the errors of all failed ones."""
         self._collect(block=True)
         return list(self.errors)
+
+
+def snapshot_checkpoint(checkpoint: str | os.PathLike) -> Path:
+    """A copy of ``checkpoint`` made of hard links (plain copies where the file system has none), beside it under
+    ``checkpoints/`` with the staging prefix: a run killed during an upload leaves a folder its next start removes."""
+    checkpoint = Path(checkpoint)
+    snapshot = Path(tempfile.mkdtemp(dir=checkpoint.parent, prefix=f"{STAGING_PREFIX}push-{checkpoint.name}."))
+    shutil.copytree(checkpoint, snapshot, copy_function=_link_or_copy, dirs_exist_ok=True)
+    return snapshot
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def checkpoint_pusher(hub) -> CheckpointPusher | None:
