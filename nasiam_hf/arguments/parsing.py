@@ -23,8 +23,6 @@ import sys
 from types import MappingProxyType
 from typing import Any
 
-# Keys of a run record that are not arguments (see nasiam_hf.hub.metadata.save_run_record).
-RECORD_KEYS = frozenset({"command", "resolved", "package_versions", "timestamp_utc", "starting_point"})
 REDACTED = "<redacted>"
 OWN_METADATA = frozenset({"resume"})  # field metadata of nasiam_hf.arguments that is not for argparse
 

@@ -1,0 +1,213 @@
+"""How a run trains and where it goes: optimisation, the linear probe, precision and speed, the output folder and
+checkpoints, tracking, the Hub."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from .fields import FEATURE_NORMS, RECIPE_CHOICES, _positive, flag, parse_every
+
+
+@dataclass(frozen=True)
+class OptimizationArguments:
+    """Batch, schedule and optimiser of the weights. Unset values (None) come from the recipe."""
+
+    _argument_group_name: ClassVar[str] = "optimisation"
+
+    per_device_train_batch_size: int | None = flag(
+        None, "Training batch per device (default: the recipe's global batch, 512, divided over the processes and "
+              "the accumulation steps).")
+    per_device_eval_batch_size: int = flag(256, "Batch per device for feature extraction and evaluation.",
+                                           resume="free")
+    gradient_accumulation_steps: int = flag(
+        1, "Micro-batches per optimizer update: the effective batch is per-device x processes x this, and drives "
+           "the lr scaling. Not reproduced by accumulation: BatchNorm statistics and contrastive negatives are per "
+           "micro-batch.")
+    num_train_epochs: int | None = flag(None, "Epochs (default: recipe).", resume="extend")
+    max_train_steps: int | None = flag(
+        None, "Stop after this many optimizer updates (overrides --num_train_epochs; needed for streams of unknown "
+              "length).", resume="extend")
+    learning_rate: float | None = flag(
+        None, "Base learning rate for a global batch of 256; the effective rate scales linearly (default: recipe).")
+    weight_decay: float | None = flag(None, "Weight decay (default: recipe).")
+    num_warmup_epochs: float | None = flag(
+        None, "Linear warm-up before the cosine schedule, in epochs (default: recipe).")
+    max_grad_norm: float | None = flag(None, "Clip the gradient norm of each update to this value (default: off).")
+
+    def __post_init__(self):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "num_train_epochs", "max_train_steps"):
+            _positive(name, getattr(self, name))
+        _positive("learning_rate", self.learning_rate, 0, strict=True)
+        _positive("weight_decay", self.weight_decay, 0)
+        _positive("num_warmup_epochs", self.num_warmup_epochs, 0)
+        _positive("max_grad_norm", self.max_grad_norm, 0, strict=True)
+
+
+@dataclass(frozen=True)
+class FinetuneOptimizationArguments(OptimizationArguments):
+    """Fine-tuning: SGD, momentum 0.9, cosine; lr per 256 images."""
+
+    per_device_train_batch_size: int | None = flag(128, "Training batch per device.")
+    num_train_epochs: int | None = flag(30, "Epochs.", resume="extend")
+    learning_rate: float | None = flag(0.05, "Base learning rate for a global batch of 256 (scaled linearly).")
+    weight_decay: float | None = flag(5e-4, "Weight decay.")
+    classifier_lr_multiplier: float = flag(10.0, "The new classifier's learning rate is this many times the "
+                                                 "backbone's.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive("classifier_lr_multiplier", self.classifier_lr_multiplier, 0, strict=True)
+
+
+@dataclass(frozen=True)
+class ProbeArguments:
+    """The linear probe on frozen backbone features."""
+
+    _argument_group_name: ClassVar[str] = "linear probe"
+
+    num_train_epochs: int | None = flag(None, "Probe epochs (default: recipe, 100).")
+    per_device_train_batch_size: int | None = flag(
+        None, "Probe batch per device (default: recipe, 256; a smaller labelled set is used whole).")
+    per_device_eval_batch_size: int = flag(256, "Batch per device for feature extraction.")
+    learning_rate: float | None = flag(
+        None, "Probe lr (default: the recipe's 0.03 x global batch / 256 on batch-normalised features; 30 with "
+              "--feature_norm none).")
+    recipe: RECIPE_CHOICES | None = flag(
+        None, "Probe recipe (see docs/recipes.md); default: from the data's policy (cifar or imagenet).")
+    weight_decay: float | None = flag(None, "Probe weight decay (default: recipe, 0).")
+    feature_norm: FEATURE_NORMS | None = flag(
+        None, "'batchnorm': a non-affine BatchNorm in front of the classifier; 'none': raw features (default: "
+              "recipe, batchnorm).")
+
+    def __post_init__(self):
+        for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size"):
+            _positive(name, getattr(self, name))
+        _positive("learning_rate", self.learning_rate, 0, strict=True)
+        _positive("weight_decay", self.weight_decay, 0)
+
+
+@dataclass(frozen=True)
+class PrecisionArguments:
+    """Numeric precision and memory layout."""
+
+    _argument_group_name: ClassVar[str] = "precision"
+
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = flag(
+        None, "bf16/fp16 autocast through Accelerate (default: the accelerate config, or 'no').")
+    channels_last: bool = flag(False, "channels_last memory format for the backbone and its input batches.",
+                               resume="free")
+
+
+@dataclass(frozen=True)
+class SpeedArguments:
+    """Where the work happens and with which kernels; none of these changes what is computed."""
+
+    _argument_group_name: ClassVar[str] = "speed"
+
+    augmentation_device: Literal["loader", "accelerator"] = flag(
+        "loader", "Where the random views are drawn: 'loader' (torchvision on each image in the DataLoader) or "
+                  "'accelerator' (the loader only decodes; whole batches are augmented on the training device, "
+                  "seeded per sample).")
+    torch_compile: bool = flag(False, "torch.compile the backbone in place (state-dict keys unchanged).",
+                               resume="free")
+    optimizer_implementation: Literal["auto", "fused", "foreach", "for_loop"] = flag(
+        "auto", "Optimizer kernels: 'fused', 'foreach', 'for_loop'; 'auto' takes fused where this torch build has "
+                "it for the device.", resume="free")
+
+
+@dataclass(frozen=True)
+class RunArguments:
+    """Output folder, seed, checkpoints, logging."""
+
+    _argument_group_name: ClassVar[str] = "run"
+
+    output_dir: str = flag(None, "Where outputs and checkpoints go.", resume="free", required=True)
+    overwrite_output_dir: bool = flag(
+        False, "Replace what an earlier run (or another tool) left in --output_dir: our run files, checkpoints and "
+               "model files are deleted, other files are kept.", resume="free")
+    seed: int = flag(42, "Seed of the data order, the views and the initialisation.")
+    checkpointing_steps: str = flag(
+        "epoch", "Save a resumable checkpoint every N optimizer updates, at every epoch ('epoch'), or never ('no').",
+        resume="free")
+    checkpoints_total_limit: int = flag(2, "How many checkpoints to keep.", resume="free")
+    resume_from_checkpoint: str | None = flag(
+        None, "A checkpoint folder, or 'latest' for the newest intact one in --output_dir.", resume="free")
+    logging_steps: int = flag(
+        25, "Refresh the progress-bar losses every N updates (reading them waits for the device).", resume="free")
+    debug: bool = flag(False, "Print the full traceback of an error (also: NASIAM_DEBUG=1).", resume="free")
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            raise ValueError("--output_dir is required")
+        _positive("checkpoints_total_limit", self.checkpoints_total_limit)
+        _positive("logging_steps", self.logging_steps)
+        parse_every("checkpointing_steps", self.checkpointing_steps)
+
+    @property
+    def checkpoint_every(self) -> tuple[str, int] | None:
+        return parse_every("checkpointing_steps", self.checkpointing_steps)
+
+
+@dataclass(frozen=True)
+class EvalRunArguments:
+    """Output and seed of an evaluation."""
+
+    _argument_group_name: ClassVar[str] = "run"
+
+    output_dir: str | None = flag(
+        None, "Where eval_results.json goes (default: the model folder, whose card is refreshed).", resume="free")
+    seed: int = flag(0, "Seed of the probe's initialisation and shuffling.")
+    debug: bool = flag(False, "Print the full traceback of an error (also: NASIAM_DEBUG=1).", resume="free")
+
+
+@dataclass(frozen=True)
+class TrackingArguments:
+    """Experiment tracking through Accelerate's trackers."""
+
+    _argument_group_name: ClassVar[str] = "tracking"
+
+    with_tracking: bool = flag(False, "Log metrics to the trackers of --report_to.", resume="free")
+    report_to: str = flag("all", "Trackers: tensorboard, wandb, ... or 'all' installed ones.", resume="free")
+
+
+@dataclass(frozen=True)
+class HubArguments:
+    """Publishing to the Hugging Face Hub."""
+
+    _argument_group_name: ClassVar[str] = "Hub"
+
+    push_to_hub: bool = flag(False, "Upload the output folder at the end of the run.", resume="free")
+    hub_model_id: str | None = flag(None, "The repository, e.g. your-name/nasiam-simsiam-r18.", resume="free")
+    hub_token: str | None = flag(None, "A write token (default: the one of `hf auth login`); never saved.",
+                                 resume="free")
+    hub_private_repo: bool = flag(False, "Create the repository as private.", resume="free")
+    hub_revision: str | None = flag(None, "The branch to push to (default: main).", resume="free")
+    hub_create_pr: bool = flag(False, "Open a pull request instead of committing to the branch.", resume="free")
+    push_checkpoints: bool = flag(
+        False, "Also upload each checkpoint in the background as it is written, so a preempted run is on the Hub up "
+               "to its last checkpoint.", resume="free")
+
+    def __post_init__(self):
+        if (self.push_to_hub or self.push_checkpoints) and not self.hub_model_id:
+            raise ValueError("--push_to_hub and --push_checkpoints need --hub_model_id (e.g. your-name/nasiam-r18)")
+        if self.hub_revision is not None and not (self.push_to_hub or self.push_checkpoints):
+            raise ValueError(f"--hub_revision applies to --push_to_hub and --push_checkpoints only, and neither is "
+                             f"given (got --hub_revision {self.hub_revision!r})")
+        if self.hub_create_pr:
+            if not self.push_to_hub:
+                raise ValueError("--hub_create_pr applies to --push_to_hub only (the final upload opens the pull "
+                                 "request); add --push_to_hub")
+            if self.hub_revision not in (None, "main"):
+                raise ValueError(f"--hub_create_pr opens a pull request against main: drop --hub_revision "
+                                 f"{self.hub_revision!r}, or drop --hub_create_pr to commit to that branch")
+            if self.push_checkpoints:
+                raise ValueError("--push_checkpoints commits each checkpoint to the branch (--hub_revision, default "
+                                 "main) and cannot open pull requests: drop --hub_create_pr, or push to a branch "
+                                 "with --hub_revision")
+
+
+@dataclass(frozen=True)
+class FinetuneRunArguments(RunArguments):
+    """Fine-tuning keeps the run options of the other training commands."""
