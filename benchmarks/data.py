@@ -14,12 +14,14 @@ Measured through the package's own loaders (the code the commands run):
   resident set (RSS: it counts the memory-mapped arrow / parquet pages that were read) and the anonymous memory
   (``RssAnon``: what the process itself holds), plus this process's ``VmHWM`` (reset through /proc/self/clear_refs,
   as benchmarks/throughput.py does). Bounded memory: the 50k pass within 10 % of the 10k pass;
-* ``--pretrain_epoch``: the same memory figures and the wall time of a real ``nasiam-pretrain --streaming`` epoch over
-  ``../shared/data/cifar10-full/train.parquet`` (50k images) against a 10k-image epoch of it.
+* ``--pretrain_epoch``: the same memory figures, the wall time and the training images/s of a real
+  ``nasiam-pretrain --streaming`` epoch over ``../shared/data/cifar10-full/train.parquet`` (50k images) against a
+  10k-image epoch of it (``--pretrain_samples 10000,all``: a seeded subset of the same stream).
 
 Generated shards are cached in ``--work_dir`` (default: a folder under the system temp dir), so a second run skips the
-generation. A quick smoke run: ``python benchmarks/data.py --cifar_images 256 --imagenet_images 64
---memory_counts 128,256 --step_images_per_second 0``.
+generation. Quick smoke runs: ``python benchmarks/data.py --cifar_images 256 --imagenet_images 64
+--memory_counts 128,256 --step_images_per_second 0`` and ``python benchmarks/data.py --skip cifar,imagenet,memory
+--pretrain_epoch --pretrain_samples 128,256 --batch_size 32 --image_size 8``.
 """
 
 from __future__ import annotations
@@ -226,13 +228,13 @@ def step_rate(policy: str, image_size: int, batch: int) -> float:
 
     from nasiam_hf import NASiamConfig
     from nasiam_hf.modeling_nasiam import NASiamForPreTraining
-    from nasiam_hf.pretrain import build_pretraining_optimizer
-    from nasiam_hf.optimization import momentum_for_step, scaled_lr, weight_step
+    from nasiam_hf.optimization import build_sgd, momentum_for_step, predictor_param_groups, scaled_lr, weight_step
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     config = NASiamConfig(image_size=image_size, cifar_stem=policy == "cifar")
     model = NASiamForPreTraining(config)
-    optimizer, _ = build_pretraining_optimizer(model, scaled_lr(0.06, batch), 5e-4, True, "auto")
+    groups, _ = predictor_param_groups(model.parameters(), model.nasiam.predictor, True)  # as the pretraining does
+    optimizer = build_sgd(groups, scaled_lr(0.06, batch), 5e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     g = torch.Generator().manual_seed(0)
@@ -261,26 +263,59 @@ def memory_pass(data: str, limit: int | None, args, cache_dir: str) -> dict:
     return out
 
 
+def pretrain_samples(text: str) -> list[tuple[str, int | None]]:
+    """``--pretrain_samples`` ("10000,all") as (label, max_train_samples or None for the whole file) pairs."""
+    pairs = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item == "all":
+            pairs.append(("all", None))
+        elif item.isdigit() and int(item) > 0:
+            pairs.append((f"{int(item) // 1000}k" if int(item) % 1000 == 0 else item, int(item)))
+        else:
+            raise SystemExit(f"--pretrain_samples takes positive counts or 'all', got {item!r}")
+    return pairs
+
+
 def pretrain_epoch(args, work: Path) -> dict:
-    """Peak memory and time of a real streamed ``nasiam-pretrain`` epoch: the 50k file against its 10k subset."""
-    data = SHARED / "cifar10-full" / "train.parquet"
-    out = {}
-    for label, extra in (("10k", ["--max_train_samples", "10000"]), ("50k", [])):
+    """Peak memory, wall time and images/s of one real ``nasiam-pretrain --streaming`` epoch over
+    ``--pretrain_file`` (default ``../shared/data/cifar10-full/train.parquet``, 50k JPEGs) for each of
+    ``--pretrain_samples`` (a seeded ``--max_train_samples`` subset of the stream, or ``all``): the process tree
+    (the command and its DataLoader workers), sampled every 0.1 s."""
+    data = Path(args.pretrain_file)
+    if not data.exists():
+        raise SystemExit(f"--pretrain_file {str(data)!r} does not exist")
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # this checkout's package
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = {"file": str(data)}
+    for label, limit in pretrain_samples(args.pretrain_samples):
+        folder = work / f"pretrain-{label}"
         command = [sys.executable, "-m", "nasiam_hf.commands.pretrain", "--train_file", str(data), "--streaming",
-                   "--output_dir", str(work / f"pretrain-{label}"), "--overwrite_output_dir",
+                   "--output_dir", str(folder), "--overwrite_output_dir", "--genotype", args.pretrain_genotype,
                    "--num_train_epochs", "1", "--per_device_train_batch_size", str(args.batch_size),
-                   "--knn_every", "0", "--seed", "0", *extra]
+                   "--knn_every", "0", "--checkpointing_steps", "no", "--seed", "0"]
+        command += ["--max_train_samples", str(limit)] if limit is not None else []
+        command += ["--dataloader_num_workers", str(args.workers)] if args.workers is not None else []
+        command += ["--image_size", str(args.image_size)] if args.image_size is not None else []
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                   env=env)
         with TreeMemory(process.pid) as memory:
             output, _ = process.communicate()
-        out[label] = {"returncode": process.returncode, "seconds": round(time.perf_counter() - start, 1),
-                      **memory.result()}
+        record = {"max_train_samples": limit, "returncode": process.returncode,
+                  "seconds": round(time.perf_counter() - start, 1), **memory.result()}
         if process.returncode:
-            out[label]["error_tail"] = output[-1500:]
-        log(f"pretrain {label}: {out[label]}")
-    if all(out[k]["returncode"] == 0 for k in ("10k", "50k")):
-        out["anon_ratio_50k_over_10k"] = round(out["50k"]["peak_tree_anon_mb"] / out["10k"]["peak_tree_anon_mb"], 3)
+            record["error_tail"] = output[-1500:]
+        else:
+            epoch = json.loads((folder / "training_history.json").read_text())["epochs"][-1]
+            record["training_images_per_second"] = round(epoch["images_per_second"], 1)
+        out[label] = record
+        log(f"pretrain {label}: {record}")
+    labels = [label for label, _ in pretrain_samples(args.pretrain_samples)]
+    if len(labels) == 2 and all(out[k]["returncode"] == 0 for k in labels):
+        small, large = (out[k] for k in labels)
+        out["ratios_large_over_small"] = {k: round(large[k] / max(small[k], 1e-9), 3)
+                                          for k in ("peak_tree_rss_mb", "peak_tree_anon_mb")}
+        out["bounded"] = out["ratios_large_over_small"]["peak_tree_anon_mb"] < 1.10
     return out
 
 
@@ -296,6 +331,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--step_images_per_second", type=float, default=None,
                         help="What a pretraining step consumes (default: measured; 0 skips it).")
     parser.add_argument("--pretrain_epoch", action="store_true", help="Also run the streamed nasiam-pretrain epochs.")
+    parser.add_argument("--pretrain_file", default=str(SHARED / "cifar10-full" / "train.parquet"),
+                        help="What --pretrain_epoch streams (default: the shared 50k CIFAR-10 JPEGs).")
+    parser.add_argument("--pretrain_samples", default="10000,all",
+                        help="The --pretrain_epoch runs: seeded subsets of the stream (counts) and/or 'all'.")
+    parser.add_argument("--pretrain_genotype", default="simsiam-cifar10-resnet18", help="--genotype of those runs.")
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "nasiam-data-benchmark"))
     parser.add_argument("--skip", default="", help="Comma list of parts to skip: cifar, imagenet, memory.")
     args = parser.parse_args(argv)
@@ -306,7 +346,8 @@ def main(argv=None) -> dict:
     result = {"machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                           "load_average": os.getloadavg()},
               "settings": {k: v for k, v in vars(args).items() if k != "work_dir"}}
-    imagenet = imagenet_shards(work / "imagenet-size", max(counts + [args.imagenet_images]), args.imagenet_side)
+    needed = ([args.imagenet_images] if "imagenet" not in skip else []) + (counts if "memory" not in skip else [])
+    imagenet = imagenet_shards(work / "imagenet-size", max(needed), args.imagenet_side) if needed else None
     parts = []
     if "cifar" not in skip:
         parts.append(("cifar", str(SHARED / "cifar10" / "train.parquet"), args.cifar_images))

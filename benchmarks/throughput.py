@@ -278,8 +278,7 @@ def bench_optimizers(args) -> dict:
     """``optimizer.step()`` alone over the pretraining model's parameters, per implementation."""
     from nasiam_hf import NASiamConfig
     from nasiam_hf.modeling_nasiam import NASiamForPreTraining
-    from nasiam_hf.pretrain import build_pretraining_optimizer
-    from nasiam_hf.optimization import fused_optimizer_supported
+    from nasiam_hf.optimization import build_sgd, fused_optimizer_supported, predictor_param_groups
 
     device = torch.device(args.device)
     memory = Memory(device)
@@ -291,7 +290,8 @@ def bench_optimizers(args) -> dict:
     optimizer = None
     for implementation in ("for_loop", "foreach", "fused"):
         try:
-            optimizer, _ = build_pretraining_optimizer(model, 0.01, 5e-4, True, implementation)
+            groups, _ = predictor_param_groups(model.parameters(), model.nasiam.predictor, True)
+            optimizer = build_sgd(groups, 0.01, 5e-4, implementation=implementation)
         except (RuntimeError, ValueError) as error:
             out[implementation] = {"error": str(error)[:200]}
             continue

@@ -1,6 +1,5 @@
 """Data layer: real `datasets` loads of small parquet files / image folders written on the fly, no mocks."""
 
-import argparse
 import io
 
 import datasets
@@ -15,15 +14,14 @@ from nasiam_hf.data import (
     NORMALIZATION,
     EpochSampler,
     ViewDataset,
-    add_data_args,
     build_transform,
     collate_views,
     find_epoch_sampler,
     load_image_splits,
     make_loader,
     set_loader_epoch,
+    load_splits,
     split_in_halves,
-    splits_from_args,
     to_rgb,
     view_dataset_for,
 )
@@ -261,18 +259,18 @@ def test_offline_hub_id_error_mentions_local_alternatives(tmp_path, monkeypatch)
     assert "--train_file" in message and "--train_dir" in message and "--dataset_name demo" in message
 
 
-def test_data_args_round_trip(tmp_path, cache):
-    parser = add_data_args(argparse.ArgumentParser())
-    parser.add_argument("--seed", type=int, default=None)
+def test_data_flags_round_trip(tmp_path, cache):
+    from nasiam_hf.arguments import PretrainCommand
+
     path = _cifar_like(tmp_path, n=10)
-    args = parser.parse_args(
-        ["--train_file", path, "--max_train_samples", "4", "--image_size", "16", "--cache_dir", cache, "--seed", "3"]
-    )
-    assert args.train_split == "train" and args.no_augmentation is False and args.dataloader_num_workers is None
-    splits = splits_from_args(args)
+    command = PretrainCommand.parse(["--train_file", path, "--max_train_samples", "4", "--image_size", "16",
+                                     "--cache_dir", cache, "--seed", "3", "--output_dir", str(tmp_path / "out")])
+    data = command.data
+    assert data.train_split == "train" and data.no_augmentation is False and data.dataloader_num_workers is None
+    splits = load_splits(data, command.run.seed)
     assert len(splits.train) == 4 and splits.image_size == 16
     assert splits.train["index"][:] == datasets.Dataset.from_dict({"i": list(range(10))}).shuffle(seed=3)["i"][:4]
-    assert parser.parse_args(["--no_augmentation"]).no_augmentation is True
+    assert PretrainCommand.parse(["--no_augmentation", "--output_dir", "x"]).data.no_augmentation is True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
