@@ -10,7 +10,9 @@ unknown ahead), and saves and restores its position in a checkpoint.
 * :class:`StreamFeed`: a :class:`~nasiam_hf.data.StreamLoader`, which shards itself over the ranks (so it never goes
   through ``accelerator.prepare``) and keeps its own resumable position per rank; the positions of all ranks are
   saved together. Ranks may hold different numbers of batches: with a known length every rank takes the minimum;
-  with an unknown one, all ranks stop as soon as one of them runs out (one all-reduce per update).
+  with an unknown one, or with bad images skipped (the known length is then an upper bound: a lane holding a bad
+  image gives a full batch less when its rows no longer fill it), all ranks stop as soon as one of them runs out
+  (one all-reduce per update on several processes).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class StreamFeed:
         no views and are passed over."""
         self.stream.set_epoch(epoch)
         updates = self.updates_in_epoch(epoch)
+        may_end_early = updates is None or self.stream.stream.on_bad_image == "skip"  # the ranks agree on the end
         device = self.accelerator.device
         stream = iter(self.stream)
         batches = (b for b in stream if "pixel_values" in b)
@@ -98,9 +101,9 @@ class StreamFeed:
                     return
                 group = list(itertools.islice(batches, self.accumulation))
                 full = len(group) == self.accumulation
-                if updates is None and not self._all_have(full):  # a rank ran out: the epoch ends for all
+                if may_end_early and not self._all_have(full):  # a rank ran out: the epoch ends for all
                     return
-                if not full:  # pragma: no cover - a known length promised these batches
+                if not full:  # pragma: no cover - a known length without skipped images promised these batches
                     raise RuntimeError(f"the stream ended {update} updates into epoch {epoch}, before {updates}")
                 yield [_move(b, device) for b in group]
         finally:

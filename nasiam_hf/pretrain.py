@@ -60,7 +60,7 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
     accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
                                    command.optimization.gradient_accumulation_steps)
     output = guard_output(command, accelerator)
-    splits = load_splits(data, run.seed)
+    splits = load_splits(data, run.seed, with_eval=monitor.every is not None)  # eval data only for the kNN monitor
     for note in splits.notes:
         accelerator.print(note)
     plan = plan_pretrain(command, splits.policy, splits.image_size, accelerator.num_processes, backbone)

@@ -159,7 +159,7 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
                                    command.optimization.gradient_accumulation_steps)
     output = guard_output(command, accelerator)
-    splits = load_splits(data, run.seed)
+    splits = load_splits(data, run.seed, with_eval=False)  # the search evaluates nothing: no eval split downloaded
     for note in splits.notes:
         accelerator.print(note)
     plan = plan_search(command, splits.policy, splits.image_size, accelerator.num_processes, backbone)

@@ -3,7 +3,6 @@ the label decisions, the kNN monitor's sets, bad images and bad input. Real data
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from image_data import write_tar
 from nasiam_hf.data import (
     BadImageError, DataError, collate_views, load_image_splits, make_loader, scan_image_folder, view_dataset_for,
 )
@@ -48,14 +48,7 @@ def _parquet(path, columns: dict, row_group_size=None):
 
 def _tar(path, samples):
     """samples: list of (key, {extension: bytes})."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for extension, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
+    return str(write_tar(path, samples))
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from ..arguments import FinetuneCommand
 from .runner import run_command
 
 
-def main(argv: list[str] | None = None):
-    return run_command(FinetuneCommand, "nasiam_hf.finetune:run_finetune", argv)
+def main(argv: list[str] | None = None) -> None:
+    run_command(FinetuneCommand, "nasiam_hf.finetune:run_finetune", argv)
 
 
 if __name__ == "__main__":

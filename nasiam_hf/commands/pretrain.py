@@ -4,8 +4,8 @@ from ..arguments import PretrainCommand
 from .runner import run_command
 
 
-def main(argv: list[str] | None = None):
-    return run_command(PretrainCommand, "nasiam_hf.pretrain:run_pretrain", argv)
+def main(argv: list[str] | None = None) -> None:
+    run_command(PretrainCommand, "nasiam_hf.pretrain:run_pretrain", argv)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@ import importlib
 from ..errors import run_entry_point
 
 
-def run_command(command_cls, engine: str, argv: list[str] | None = None):
-    """Parse ``argv`` into ``command_cls`` and call the engine named ``"module:function"`` with it."""
+def run_command(command_cls, engine: str, argv: list[str] | None = None) -> None:
+    """Parse ``argv`` into ``command_cls`` and call the engine named ``"module:function"`` with it.
 
-    def main(args: list[str]):
+    Returns None, not the engine's model: console scripts end with ``sys.exit(main())``, which would print an
+    object's repr and exit with status 1 (from Python, call the engine, e.g. ``run_pretrain``, for the model)."""
+
+    def main(args: list[str]) -> None:
         command = command_cls.parse(args)
         module, function = engine.split(":")
-        return getattr(importlib.import_module(module), function)(command)
+        getattr(importlib.import_module(module), function)(command)
 
-    return run_entry_point(main, argv)
+    run_entry_point(main, argv)

@@ -4,8 +4,8 @@ from ..arguments import SearchCommand
 from .runner import run_command
 
 
-def main(argv: list[str] | None = None):
-    return run_command(SearchCommand, "nasiam_hf.search:run_search", argv)
+def main(argv: list[str] | None = None) -> None:
+    run_command(SearchCommand, "nasiam_hf.search:run_search", argv)
 
 
 if __name__ == "__main__":

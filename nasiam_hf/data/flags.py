@@ -8,9 +8,10 @@ from .splits import ImageSplits
 
 
 def load_splits(data: DataArguments, seed: int, *, image_size: int | None = None,
-                require_labels: bool = False) -> ImageSplits:
+                require_labels: bool = False, with_eval: bool = True) -> ImageSplits:
     """The data of ``data``'s flags (``image_size`` overrides ``--image_size`` when given; ``require_labels`` for the
-    commands that train on labels: linear evaluation and fine-tuning)."""
+    commands that train on labels: linear evaluation and fine-tuning; ``with_eval=False`` for the commands that use
+    no eval split, so that none is downloaded: the search, a pretraining without the kNN monitor)."""
     data.require_source()
     return load_image_splits(
         dataset_name=data.dataset_name, dataset_config_name=data.dataset_config_name, train_file=data.train_file,
@@ -21,4 +22,5 @@ def load_splits(data: DataArguments, seed: int, *, image_size: int | None = None
         image_size=image_size if image_size is not None else data.image_size, folder_labels=data.folder_labels,
         streaming=data.streaming, preprocessing_num_workers=data.preprocessing_num_workers,
         on_bad_image=data.on_bad_image, shuffle_buffer_size=data.shuffle_buffer_size, require_labels=require_labels,
+        with_eval=with_eval,
     )

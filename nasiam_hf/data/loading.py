@@ -181,18 +181,21 @@ def _hub_eval(name: str, split_names: list[str], get_split, eval_split: str | No
 
 
 def _raw_sources(dataset_name, dataset_config_name, train_file, train_dir, validation_file, validation_dir,
-                 image_column, label_column, train_split, eval_split, cache_dir, num_proc, folder_labels, streaming):
-    """``(name, train RawSplit or None when streamed, eval RawSplit or None, notes)``."""
+                 image_column, label_column, train_split, eval_split, cache_dir, num_proc, folder_labels, streaming,
+                 with_eval=True):
+    """``(name, train RawSplit or None when streamed, eval RawSplit or None, notes)``; without ``with_eval`` no
+    eval split of the source is looked for (nor downloaded)."""
     train = evaluation = None
     notes: list[str] = []
     explicit_eval = validation_file is not None or validation_dir is not None
+    find_eval = with_eval and not explicit_eval
     if dataset_name is not None and dataset_name.lower() == "demo":
         if streaming:
             raise ValueError("--streaming reads Hub ids and local shards; the embedded demo is loaded whole.")
         demo_train, demo_test = demo_splits()
         name = "demo"
         train = RawSplit(demo_train, "split 'train' of the demo dataset")
-        if not explicit_eval:
+        if find_eval:
             evaluation = RawSplit(demo_test, "split 'test' of the demo dataset")
     elif dataset_name is not None:
         name = hub_id(dataset_name)
@@ -211,7 +214,7 @@ def _raw_sources(dataset_name, dataset_config_name, train_file, train_dir, valid
             raise ValueError(f"Train split {train_split!r} (--train_split) not in {name!r}; splits: {split_names}.")
         if not streaming:
             train = RawSplit(get_split(train_split), f"split {train_split!r} of {name!r}")
-        if not explicit_eval:
+        if find_eval:
             evaluation, found = _hub_eval(name, split_names, get_split, eval_split, train_split, label_column)
             notes += found
     elif train_file is not None:
@@ -221,7 +224,7 @@ def _raw_sources(dataset_name, dataset_config_name, train_file, train_dir, valid
     else:
         name = os.path.basename(os.path.normpath(train_dir))
         layout = split_folders(train_dir, train_split)  # train/ and test/ (or val/ ...) folders
-        picked = ([] if layout is None or explicit_eval
+        picked = ([] if layout is None or not find_eval
                   else pick_eval_split(list(layout), eval_split, train_split, repr(train_dir)))
         eval_listing = scan_image_folder(layout[picked[0]], folder_labels, "train_dir") if picked else None
         train_listing = (None if streaming else
@@ -258,6 +261,7 @@ def load_image_splits(
     on_bad_image: str = "error",
     shuffle_buffer_size: int | None = None,
     require_labels: bool = False,
+    with_eval: bool = True,
 ) -> ImageSplits:
     """Load train (and eval, when one exists) data from exactly one source and standardise it.
 
@@ -271,6 +275,8 @@ def load_image_splits(
     exact resume, each rank reading its own shards; ``shuffle_buffer_size`` adds datasets' shuffle buffer to it,
     which mixes more but gives up the exact resume. ``on_bad_image`` "error" stops at an undecodable image naming
     its file/shard and row, "skip" drops and counts it. ``preprocessing_num_workers`` goes to datasets' ``num_proc``.
+    ``with_eval=False`` (a search, a pretraining without the kNN monitor) looks for no eval split of the source
+    (a Hub id's eval split is then not downloaded); ``validation_file`` / ``validation_dir`` are still read.
     ``seed`` drives ``max_*_samples`` subsets and the sample of images that picks the image size (see
     :func:`~nasiam_hf.data.transforms.choose_image_size`); ``notes`` lists what was decided, for printing.
     """
@@ -280,7 +286,7 @@ def load_image_splits(
     num_proc = preprocessing_num_workers
     name, train_raw, eval_raw, notes = _raw_sources(
         dataset_name, dataset_config_name, train_file, train_dir, validation_file, validation_dir, image_column,
-        label_column, train_split, eval_split, cache_dir, num_proc, folder_labels, streaming,
+        label_column, train_split, eval_split, cache_dir, num_proc, folder_labels, streaming, with_eval,
     )
     stream = None
     if streaming:

@@ -319,8 +319,10 @@ def hub_split_files(name: str, config_name: str | None, cache_dir: str | None) -
 
 def load_hub_split(name: str, config_name: str | None, split: str, files: list[str], cache_dir: str | None,
                    num_proc: int | None) -> datasets.Dataset:
-    """One split of a Hub dataset, downloading only that split's files."""
+    """One split of a Hub dataset, downloading only that split's files; a file that cannot be read is a
+    :class:`DataError` naming the split and its files (datasets' own message names neither)."""
     import datasets
+    import pyarrow as pa
 
     try:
         return datasets.load_dataset(name, config_name, data_files={split: files}, split=split,
@@ -328,6 +330,10 @@ def load_hub_split(name: str, config_name: str | None, split: str, files: list[s
     except Exception as error:
         if is_connection_error(error):
             raise hub_error(name, error) from error
+        if isinstance(error, pa.ArrowException):
+            shown = repr(files[0]) if len(files) == 1 else f"{len(files)} files, the first {files[0]!r}"
+            reason = " ".join(f"{type(error).__name__}: {error}".split())
+            raise DataError(f"split {split!r} of {name!r} ({shown}) cannot be read: {reason}") from error
         raise
 
 
