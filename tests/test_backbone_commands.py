@@ -16,10 +16,10 @@ from transformers import AutoImageProcessor, AutoModel, ConvNextConfig
 
 import nasiam_hf  # noqa: F401  (registers the Auto classes)
 from nasiam_hf import NASiamBackbone, NASiamConfig, NASiamForImageClassification, NASiamForPreTraining, NASiamModel
-from nasiam_hf.arguments import PretrainCommand
+from nasiam_hf import run_pretrain, run_search
+from nasiam_hf.arguments import PretrainCommand, SearchCommand
 from nasiam_hf.commands import finetune as finetune_command
 from nasiam_hf.commands import pretrain as pretrain_command
-from nasiam_hf.commands import search as search_command
 from nasiam_hf.data import load_splits
 from nasiam_hf.plans import check_pretrain_flags, plan_pretrain
 from nasiam_hf.trainer import initialise_backbone
@@ -72,15 +72,16 @@ def test_search_pretrain_and_reload_on_any_backbone(name, tiny_parquet, convnext
     data = ["--train_file", str(train), "--image_size", str(size), "--max_train_samples", "16"]
 
     search = tmp_path / "search"
-    supernet = search_command.main([*data, *flags, *SMALL, "--output_dir", str(search), "--projector_layers", "2",
-                                    "--predictor_layers", "2", "--hessian_every", "0"])
+    supernet = run_search(SearchCommand.parse([*data, *flags, *SMALL, "--output_dir", str(search),
+                                               "--projector_layers", "2", "--predictor_layers", "2",
+                                               "--hessian_every", "0"]))
     assert supernet.config.hidden_size == width
     found = NASiamConfig.from_pretrained(search)
     assert found.backbone == flags[1] and found.hidden_size == width and len(found.projector_genotype) == 2
 
     pretrained = tmp_path / "pretrain"
-    model = pretrain_command.main([*data, "--validation_file", str(test), *flags, *SMALL, "--genotype", str(search),
-                                   "--output_dir", str(pretrained), "--knn_k", "4"])
+    model = run_pretrain(PretrainCommand.parse([*data, "--validation_file", str(test), *flags, *SMALL, "--genotype",
+                                                str(search), "--output_dir", str(pretrained), "--knn_k", "4"]))
     config = NASiamConfig.from_pretrained(pretrained)
     assert config.backbone == flags[1] and config.hidden_size == width
     assert (config.projector_genotype, config.predictor_genotype) == (found.projector_genotype,
@@ -165,8 +166,8 @@ def test_timm_folder_weights_bring_their_normalisation(tiny_parquet, tmp_path, c
     folder = tmp_path / "timm-folder"
     save_for_hf(source, str(folder), safe_serialization=True)
     out = tmp_path / "run"
-    model = pretrain_command.main(weights_run(train, out, folder, "--max_train_steps", "1", "--learning_rate", "1e-9",
-                                              "--checkpointing_steps", "no"))
+    model = run_pretrain(PretrainCommand.parse(weights_run(train, out, folder, "--max_train_steps", "1",
+                                                           "--learning_rate", "1e-9", "--checkpointing_steps", "no")))
     log = capsys.readouterr().out
     assert "normalisation mean [0.1, 0.2, 0.3], std [0.6, 0.5, 0.4] (pretrained_cfg in" in log
     processor = AutoImageProcessor.from_pretrained(out)
