@@ -33,7 +33,7 @@ from .folders import require_model
 from .processing import image_processor_for_splits
 from .optimization import build_cosine_schedule, build_optimizer
 from .trainer import (
-    StepLoop, check_finite, guard_output, make_accelerator, mean_over_ranks, prepare_model_layout, start_tracking,
+    StepLoop, check_finite, mean_over_ranks, prepare_model_layout, start_run, start_tracking,
 )
 
 HISTORY_FILE = "finetune_history.json"
@@ -122,7 +122,7 @@ def classification_step(model, batches: list[dict], optimizer, scheduler, accele
 
 def run_finetune(command: FinetuneCommand) -> Path:
     """Fine-tune ``--model_name_or_path`` on the labelled data; the classifier folder is ``--output_dir``."""
-    from .data import load_splits, make_loader, view_dataset_for
+    from .data import make_loader, view_dataset_for
     from .hub.push import checkpoint_pusher, push_run_folder
     from .plans import plan_finetune
 
@@ -131,12 +131,9 @@ def run_finetune(command: FinetuneCommand) -> Path:
         raise ValueError("--streaming is not supported by nasiam-finetune: it needs the labelled set as a dataset; "
                          "pass the data without --streaming")
     require_model(command.model.model_name_or_path, purpose="fine-tuning")
-    accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
-                                   command.optimization.gradient_accumulation_steps)
-    output = guard_output(command, accelerator)
     # at the resolution the model was trained at, unless told otherwise
     trained_at = NASiamConfig.from_pretrained(command.model.model_name_or_path).image_size
-    splits = load_splits(data, run.seed, image_size=data.image_size or trained_at, require_labels=True)
+    accelerator, output, splits = start_run(command, require_labels=True, image_size=data.image_size or trained_at)
     plan = plan_finetune(command, accelerator.num_processes)
     opt = plan.optimization
     model = load_classifier(command.model.model_name_or_path, splits.num_labels, splits.id2label, splits.label2id)

@@ -18,8 +18,8 @@ from .optimization import build_cosine_schedule, build_sgd, momentum_for_step, p
 from .plans import PretrainPlan, check_pretrain_flags, plan_pretrain
 from .feeds import num_samples, view_feed
 from .trainer import (
-    DeviceSums, StepLoop, bad_image_count, check_finite, describe_backbone_of, describe_count, due, guard_output,
-    initialise_backbone, make_accelerator, mean_over_ranks, prepare_model_layout, report_bad_images, restore_positions,
+    DeviceSums, StepLoop, bad_image_count, check_finite, describe_backbone_of, describe_count, due,
+    initialise_backbone, mean_over_ranks, prepare_model_layout, report_bad_images, restore_positions, start_run,
     start_tracking,
 )
 
@@ -50,19 +50,15 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
 
     Returns the trained model (unwrapped; the model folder is ``command.run.output_dir``).
     """
-    from .data import load_splits, make_loader
+    from .data import make_loader
     from .evaluation import KNNNeighbourhoodWarning, evaluate_knn
     from .hub.push import checkpoint_pusher, push_run_folder
     from .search import mean_loss
 
     backbone = check_pretrain_flags(command)
     run, data, speed, monitor = command.run, command.data, command.speed, command.monitor
-    accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
-                                   command.optimization.gradient_accumulation_steps)
-    output = guard_output(command, accelerator)
-    splits = load_splits(data, run.seed, with_eval=monitor.every is not None)  # eval data only for the kNN monitor
-    for note in splits.notes:
-        accelerator.print(note)
+    # eval data only for the kNN monitor
+    accelerator, output, splits = start_run(command, with_eval=monitor.every is not None)
     plan = plan_pretrain(command, splits.policy, splits.image_size, accelerator.num_processes, backbone)
     opt = plan.optimization
     config = NASiamConfig(**plan.config)
@@ -147,7 +143,9 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
         elapsed = time.perf_counter() - timer["start"]
         record = {"epoch": epoch, "loss": loss, "collapse_std": collapse, "lr": scheduler.get_last_lr()[0],
                   "images_per_second": timer["steps"] * opt.global_batch / max(elapsed, 1e-9)}
-        last_epoch = state["global_step"] >= total_steps
+        # the last epoch: its updates are done, or (a stream whose skipped images shortened it) it is the last one
+        last_epoch = state["global_step"] >= total_steps or (opt.max_train_steps is None and opt.epochs is not None
+                                                              and epoch == opt.epochs - 1)
         if knn_loaders is not None and (last_epoch or (knn_every[0] == "epochs"
                                                        and due(knn_every, state["global_step"], epoch, True))):
             record.update(knn_accuracy())

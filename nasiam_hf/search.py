@@ -32,9 +32,8 @@ from .search_methods import (
 from .checkpoints import Checkpointer
 from .feeds import cycle_batches, num_samples, view_feed
 from .trainer import (
-    DeviceSums, StepLoop, bad_image_count, check_finite, describe_backbone_of, describe_count, guard_output,
-    initialise_backbone, make_accelerator, mean_over_ranks, prepare_model_layout, report_bad_images, restore_positions,
-    start_tracking,
+    DeviceSums, StepLoop, bad_image_count, check_finite, describe_backbone_of, describe_count, initialise_backbone,
+    mean_over_ranks, prepare_model_layout, report_bad_images, restore_positions, start_run, start_tracking,
 )
 
 ARCH_OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -151,17 +150,13 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
 
     Returns the searched supernet (unwrapped; the outputs are in ``command.run.output_dir``).
     """
-    from .data import load_splits, split_in_halves
+    from .data import split_in_halves
     from .hub.push import checkpoint_pusher, push_run_folder
 
     backbone = check_search_flags(command)
     run, data, speed = command.run, command.data, command.speed
-    accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
-                                   command.optimization.gradient_accumulation_steps)
-    output = guard_output(command, accelerator)
-    splits = load_splits(data, run.seed, with_eval=False)  # the search evaluates nothing: no eval split downloaded
-    for note in splits.notes:
-        accelerator.print(note)
+    # the search evaluates nothing: no eval split is read (or downloaded)
+    accelerator, output, splits = start_run(command, with_eval=False)
     plan = plan_search(command, splits.policy, splits.image_size, accelerator.num_processes, backbone)
     opt = plan.optimization
     config = NASiamConfig(**plan.config)

@@ -68,6 +68,24 @@ def make_accelerator(output_dir: str | None, seed: int, precision: PrecisionArgu
     return accelerator
 
 
+def start_run(command: Command, *, with_eval: bool = True, require_labels: bool = False,
+              image_size: int | None = None):
+    """What every training command does first, in this order: the Accelerator (and the engine check), the decision
+    about ``--output_dir`` (nothing written yet), the data (``with_eval``: load the eval split too), and its notes
+    printed once. Returns ``(accelerator, output plan, splits)``."""
+    from .data import load_splits
+
+    run = command.run
+    accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
+                                   command.optimization.gradient_accumulation_steps)
+    output = guard_output(command, accelerator)
+    splits = load_splits(command.data, run.seed, with_eval=with_eval, require_labels=require_labels,
+                         image_size=image_size)
+    for note in splits.notes:
+        accelerator.print(note)
+    return accelerator, output, splits
+
+
 def guard_output(command: Command, accelerator: Accelerator) -> OutputPlan:
     """Decide (and print) what ``command`` does with its ``--output_dir``: the rules of
     :func:`nasiam_hf.checkpoints.decide_output_dir`, with the identity and the keys that may change on resume
