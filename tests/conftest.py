@@ -99,6 +99,17 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="module")
+def convnext_folder(tmp_path_factory):
+    """A tiny transformers ConvNeXt config folder (widths 8-16-24-32), as `--backbone path/to/folder` takes it."""
+    from transformers import ConvNextConfig
+
+    folder = tmp_path_factory.mktemp("convnext")
+    ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], patch_size=2, image_size=32).save_pretrained(
+        folder)
+    return folder
+
+
 BLOCK_PACKAGE = '''
 import sys, importlib.abc
 class _Block(importlib.abc.MetaPathFinder):

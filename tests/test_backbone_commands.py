@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
-from transformers import AutoImageProcessor, AutoModel, ConvNextConfig
+from transformers import AutoImageProcessor, AutoModel
 
 import nasiam_hf  # noqa: F401  (registers the Auto classes)
 from nasiam_hf import NASiamBackbone, NASiamConfig, NASiamForImageClassification, NASiamForPreTraining, NASiamModel
@@ -38,15 +38,6 @@ SMALL = ["--per_device_train_batch_size", "4", "--seed", "3", "--num_train_epoch
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     pass
-
-
-@pytest.fixture(scope="module")
-def convnext_folder(tmp_path_factory):
-    """A tiny transformers ConvNeXt config folder (widths 8-16-24-32), as `--backbone path/to/folder` takes it."""
-    folder = tmp_path_factory.mktemp("convnext")
-    ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], patch_size=2, image_size=32).save_pretrained(
-        folder)
-    return folder
 
 
 def images(size: int, n: int = 4, seed: int = 0) -> torch.Tensor:

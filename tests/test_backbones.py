@@ -39,15 +39,6 @@ def _one_thread(one_thread):
     pass
 
 
-@pytest.fixture(scope="module")
-def convnext_folder(tmp_path_factory):
-    """A tiny transformers ConvNeXt config folder (widths 8-16-24-32)."""
-    folder = tmp_path_factory.mktemp("convnext")
-    ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], patch_size=2, image_size=32).save_pretrained(
-        folder)
-    return folder
-
-
 def backbone_values(kind: str, convnext_folder) -> dict:
     if kind == "timm-resnet18":
         return backbone_config_values("timm/resnet18")
