@@ -143,7 +143,11 @@ def backbone_values(model: BackboneArguments, cache_dir: str | None = None) -> d
 
 
 def check_backbone_weights(model: BackboneArguments, backbone: str) -> None:
-    """``--backbone_weights`` of the kind ``backbone`` can take, checked without reading or downloading anything."""
+    """``--backbone_weights`` of the kind ``backbone`` can take, checked without reading or downloading anything;
+    ``--no_zero_init_residual`` only where the package initialises the trunk (the torchvision ResNets)."""
+    if model.no_zero_init_residual and not is_torchvision_backbone(backbone):
+        raise ValueError(f"--no_zero_init_residual applies to the torchvision ResNets (resnet18|resnet34|resnet50) "
+                         f"only; backbone {backbone!r} keeps its library's own initialisation")
     if model.backbone_weights is not None:
         from .backbone_weights import check_weights_spec
 
@@ -170,6 +174,7 @@ def plan_search(command: SearchCommand, policy: str, image_size: int, num_proces
                   **(backbone_values or {"backbone": command.model.backbone}))
     if is_torchvision_backbone(config["backbone"]):
         config["cifar_stem"] = policy == "cifar"
+        config["zero_init_residual"] = recipe.zero_init_residual and not command.model.no_zero_init_residual
     if s.projector_layers is not None:
         config["projector_layers"] = s.projector_layers
     if FRAMEWORK_DEFAULTS[s.framework]["predictor_layers"] and s.predictor_layers is not None:
@@ -244,6 +249,7 @@ def plan_pretrain(command: PretrainCommand, policy: str, image_size: int, num_pr
     values["image_size"] = image_size
     if is_torchvision_backbone(values.get("backbone", "resnet18")):
         values["cifar_stem"] = policy == "cifar"
+        values["zero_init_residual"] = recipe.zero_init_residual and not command.model.no_zero_init_residual
     values.update({**recipe.method_values(), **command.objective.given()})
     if recipe.key_bn_splits and framework == "mocov2":
         values["key_bn_splits"] = recipe.key_bn_splits

@@ -242,3 +242,26 @@ def test_explicit_flags_win_over_the_recipe(tmp_path):
     plan = plan_pretrain(command, policy="imagenet", image_size=8, num_processes=2)
     assert plan.config["queue_size"] == 128 and plan.config["temperature"] == 0.2  # flag, then recipe
     assert plan.optimization.global_batch == 16 * 2 * 4 and plan.optimization.lr == pytest.approx(0.5 * 128 / 256)
+
+
+@pytest.mark.parametrize("command_name", ["search", "pretrain"])
+def test_no_zero_init_residual_starts_the_residual_norms_at_one(command_name, tmp_path):
+    from nasiam_hf import NASiamConfig, PretrainCommand, SearchCommand
+    from nasiam_hf.backbones import is_last_residual_norm
+    from nasiam_hf.modeling_nasiam import NASiamModel
+    from nasiam_hf.plans import check_pretrain_flags, check_search_flags, plan_pretrain, plan_search
+
+    cls, check, plan_of = ((SearchCommand, check_search_flags, plan_search) if command_name == "search"
+                           else (PretrainCommand, check_pretrain_flags, plan_pretrain))
+    base = ["--dataset_name", "demo", "--output_dir", str(tmp_path)]
+    for flags, zeroed in (([], True), (["--no_zero_init_residual"], False)):
+        command = cls.parse(base + flags)
+        config = NASiamConfig(**{**plan_of(command, policy="cifar", image_size=8, num_processes=1).config,
+                                 "image_size": 8})
+        assert config.zero_init_residual is zeroed
+        norms = [m.weight for m in NASiamModel(config).backbone.modules() if is_last_residual_norm(m)]
+        assert len(norms) == 8  # ResNet-18: two blocks in each of four stages
+        assert all(bool((w == 0).all()) is zeroed and bool((w == 1).all()) is not zeroed for w in norms)
+    timm = cls.parse(base + ["--backbone", "timm/resnet18", "--no_zero_init_residual"])
+    with pytest.raises(ValueError, match=r"--no_zero_init_residual applies to the torchvision ResNets.*timm/resnet18"):
+        check(timm)

@@ -27,6 +27,9 @@ class BackboneArguments:
         None, "Start the backbone from existing weights: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), "
               "'timm' (timm's pretrained weights of the named tag, from the Hub), or a local .safetensors file or "
               "model folder.")
+    no_zero_init_residual: bool = flag(
+        False, "torchvision ResNets: start the last BatchNorm of every residual block at 1 instead of 0 (the "
+               "reference recipes zero it; zeroed, a ResNet-18 learns more slowly in its first epochs).")
 
     def __post_init__(self):
         _json_object("backbone_kwargs", self.backbone_kwargs)
