@@ -113,7 +113,7 @@ def protocol_from_args(args: argparse.Namespace) -> Protocol:
                     probe_epochs=values["probe_epochs"], mixed_precision=args.mixed_precision,
                     image_size=values.get("image_size"), max_train_samples=values.get("max_train_samples"),
                     max_eval_samples=values.get("max_eval_samples"), hessian_every=args.hessian_every,
-                    extra_search_flags=tuple(args.extra_search_flags))
+                    zero_init_residual=values["zero_init_residual"], extra_search_flags=tuple(args.extra_search_flags))
 
 
 def data_flags(p: Protocol, with_eval: bool) -> list[str]:
