@@ -140,12 +140,17 @@ def run_stage(name: str, module: str, flags: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
+def common_flags(p: Protocol, seed: int) -> list[str]:
+    """The flags every search and pretraining of ``seed`` gets, so the arms differ only in their heads."""
+    return ["--seed", str(seed), "--per_device_train_batch_size", str(p.batch_size),
+            "--learning_rate", str(p.learning_rate), "--mixed_precision", p.mixed_precision,
+            "--checkpointing_steps", "no", *([] if p.zero_init_residual else ["--no_zero_init_residual"])]
+
+
 def run_arm(p: Protocol, arm: str, seed: int, root: Path, resume: bool) -> RunRecord:
     record = RunRecord(arm=arm, seed=seed)
     folder = root / f"{arm}-seed{seed}"
-    common = ["--seed", str(seed), "--per_device_train_batch_size", str(p.batch_size),
-              "--learning_rate", str(p.learning_rate), "--mixed_precision", p.mixed_precision,
-              "--checkpointing_steps", "no", *([] if p.zero_init_residual else ["--no_zero_init_residual"])]
+    common = common_flags(p, seed)
     try:
         genotype = f"{p.framework}-baseline"
         if arm != "baseline":
@@ -240,7 +245,7 @@ def table(p: Protocol, summary: dict, error: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/search_value")
     parser.add_argument("--train_file", default=None, help="Default: ../shared/data/cifar10/train.parquet.")
@@ -265,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--full", action="store_true", help="The GPU protocol.")
     mode.add_argument("--smoke", action="store_true", help="Plumbing check in minutes; the numbers mean nothing.")
     parser.add_argument("--resume", action="store_true", help="Reuse stages whose outputs are complete.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         p = protocol_from_args(args)

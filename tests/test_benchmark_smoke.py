@@ -3,6 +3,7 @@ tiny run of its step, optimizer and kNN parts with a timm backbone, in-process. 
 that every part ran and reported rates and memory."""
 
 import importlib.util
+import sys
 
 import pytest
 
@@ -28,3 +29,27 @@ def test_throughput_benchmark_runs_on_a_timm_backbone(throughput, one_thread, ca
         assert steps[part]["images_per_second"] > 0 and steps[part]["peak_memory_mb"] > 0
     assert all("ms_per_step" in result["optimizer"][kind] for kind in ("for_loop", "foreach"))
     assert result["knn"]["fp32"]["extract_features"]["images_per_second"] > 0
+
+
+@pytest.mark.parametrize("argv, zeroed", [([], False), (["--zero_init_residual", "yes"], True), (["--full"], True)])
+def test_search_value_stages_take_flags_the_commands_accept(argv, zeroed, tmp_path, monkeypatch):
+    """Every arm's search and pretraining get the same common flags, which the real commands parse; the CPU protocol
+    starts the residual BatchNorms at 1 (zeroed, its 2-epoch baseline does not learn), --full as the reference."""
+    from nasiam_hf import PretrainCommand, SearchCommand
+
+    spec = importlib.util.spec_from_file_location("search_value", REPO_ROOT / "benchmarks" / "search_value.py")
+    search_value = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "search_value", search_value)  # its dataclasses look their module up
+    spec.loader.exec_module(search_value)
+    if "--full" in argv and not (search_value.SHARED / "cifar10-full" / "train.parquet").is_file():
+        pytest.skip("../shared/data/cifar10-full is not beside the checkout")
+    protocol = search_value.protocol_from_args(search_value.build_parser().parse_args(argv))
+    common = search_value.common_flags(protocol, seed=1)
+    assert protocol.zero_init_residual is zeroed and ("--no_zero_init_residual" in common) is not zeroed
+    search = SearchCommand.parse([*search_value.data_flags(protocol, with_eval=False), "--framework",
+                                  protocol.framework, "--output_dir", str(tmp_path / "s"), *common])
+    pretrain = PretrainCommand.parse([*search_value.data_flags(protocol, with_eval=True), "--genotype",
+                                      f"{protocol.framework}-baseline", "--output_dir", str(tmp_path / "p"), *common])
+    for command in (search, pretrain):
+        assert command.model.no_zero_init_residual is not zeroed
+        assert (command.run.seed, command.optimization.per_device_train_batch_size) == (1, protocol.batch_size)
