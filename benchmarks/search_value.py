@@ -13,8 +13,9 @@ Default CPU protocol (about 90 minutes on 2 cores): the shared 10k CIFAR-10 subs
 ResNet-18 with the CIFAR stem, the baseline vs plain DARTS vs DARTS-, seeds 0 and 1, 1 search epoch and 2
 pretraining epochs at batch 128 in bf16, a 100-epoch probe on cached features, and ``--no_zero_init_residual``
 (with the residual BatchNorms zeroed as the reference recipes have them, the baseline's kNN after 2 epochs was
-32.45 %, near its random-initialisation level, against 38.95 % with them at 1). ``--full`` is the GPU protocol (the full 50k
-CIFAR-10 training split, 3 seeds, 50 search and 200 pretraining epochs at batch 512, beta-DARTS too, zero-init).
+32.45 %, near its random-initialisation level, against 38.95 % with them at 1). ``--full`` is the GPU protocol
+(the full 50k CIFAR-10 training split, 3 seeds, 50 search and 200 pretraining epochs at batch 512, beta-DARTS too,
+zero-init).
 ``--smoke`` checks the plumbing in a few minutes (256 training images at 16 px; its numbers mean nothing).
 
     python benchmarks/search_value.py --output_dir runs/search_value > search_value.json
