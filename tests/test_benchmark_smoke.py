@@ -31,10 +31,12 @@ def test_throughput_benchmark_runs_on_a_timm_backbone(throughput, one_thread, ca
     assert result["knn"]["fp32"]["extract_features"]["images_per_second"] > 0
 
 
-@pytest.mark.parametrize("argv, zeroed", [([], False), (["--zero_init_residual", "yes"], True), (["--full"], True)])
+@pytest.mark.parametrize("argv, zeroed", [([], None), (["--backbone", "resnet18", "--zero_init_residual", "no"], False),
+                                          (["--full"], True)])
 def test_search_value_stages_take_flags_the_commands_accept(argv, zeroed, tmp_path, monkeypatch):
-    """Every arm's search and pretraining get the same common flags, which the real commands parse; the CPU protocol
-    starts the residual BatchNorms at 1 (zeroed, its 2-epoch baseline does not learn), --full as the reference."""
+    """Every arm's search and pretraining get the same common flags, which the real commands parse: the CPU protocol's
+    timm ResNet-18 (ImageNet stem, residual BatchNorms at 1 through its own kwargs), a torchvision ResNet with the
+    norms at 1, and --full with the reference's zeroed norms."""
     from nasiam_hf import PretrainCommand, SearchCommand
 
     spec = importlib.util.spec_from_file_location("search_value", REPO_ROOT / "benchmarks" / "search_value.py")
@@ -45,11 +47,12 @@ def test_search_value_stages_take_flags_the_commands_accept(argv, zeroed, tmp_pa
         pytest.skip("../shared/data/cifar10-full is not beside the checkout")
     protocol = search_value.protocol_from_args(search_value.build_parser().parse_args(argv))
     common = search_value.common_flags(protocol, seed=1)
-    assert protocol.zero_init_residual is zeroed and ("--no_zero_init_residual" in common) is not zeroed
+    assert protocol.zero_init_residual is zeroed and ("--no_zero_init_residual" in common) is (zeroed is False)
     search = SearchCommand.parse([*search_value.data_flags(protocol, with_eval=False), "--framework",
                                   protocol.framework, "--output_dir", str(tmp_path / "s"), *common])
     pretrain = PretrainCommand.parse([*search_value.data_flags(protocol, with_eval=True), "--genotype",
                                       f"{protocol.framework}-baseline", "--output_dir", str(tmp_path / "p"), *common])
     for command in (search, pretrain):
-        assert command.model.no_zero_init_residual is not zeroed
+        assert command.model.no_zero_init_residual is (zeroed is False)
+        assert command.model.backbone == protocol.backbone
         assert (command.run.seed, command.optimization.per_device_train_batch_size) == (1, protocol.batch_size)
