@@ -27,7 +27,7 @@ session's paired difference can and cannot resolve.
 Data: ``--train_file`` / ``--test_file``, by default ``.gpu-data/{train,test}.parquet`` of the checkout (ignored by
 git, carried to the GPU machine), else ``../shared/data/cifar10-full/train.parquet`` and
 ``../shared/data/cifar10/test.parquet``. Wheels: when a distribution of ``gpu-wheels.txt`` is missing, the list is
-installed from ``--wheels`` (default ``.whl``) into ``<output_dir>/site``, first on the commands' path.
+installed from ``--wheels`` (default: the checkout's ``.whl``) into ``<output_dir>/site``, first on the commands' path.
 
 JSON: ``mode``, ``environment`` (versions, device, carried wheels, unmet requirements), ``throughput`` (images/s per
 step, data paths, kNN features, extrapolated paper-length hours), ``plan`` (source, rates, epochs, calibration
@@ -367,7 +367,7 @@ THROUGHPUT_SECONDS = 90.0  # the throughput check's share on the GPU
 def run_session(s: Session, out: Path, deadline: float, report: dict, stages: dict[str, StageResult]) -> None:
     env = child_env(s)
     environment = report["environment"] = install_wheels(s.wheels, Path(s.output_dir) / "site", env)
-    environment.update(probe(env))
+    environment.update(probe(env, timeout=deadline - time.monotonic()))
     problems = [environment[key] for key in ("install_error", "import_error") if key in environment]
     if not s.smoke and environment.get("cuda_available") is False:
         report["error"] = "no CUDA device visible: run on a GPU machine, or pass --cpu-smoke to check the script"
@@ -462,13 +462,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Shared by the search and both pretrainings.")
     parser.add_argument("--batch_size", type=int, default=None, help="Per-device batch (default 512; smoke 32).")
     parser.add_argument("--budget_seconds", type=float, default=None,
-                        help="Wall time of the whole session, from its start (default 500; smoke 900).")
+                        help="Wall time of the whole session, from its start (default 500; smoke 1800).")
     parser.add_argument("--search_epochs", type=int, default=None, help="Fix the search epochs (default: planned).")
     parser.add_argument("--pretrain_epochs", type=int, default=None,
                         help="Fix the epochs of each pretraining (default: planned).")
     parser.add_argument("--max_epochs", type=int, default=None,
                         help="Upper bound of a planned epoch count (default 200; smoke 1).")
-    parser.add_argument("--wheels", default=".whl", help="Folder of the carried wheels (see gpu-wheels.txt).")
+    parser.add_argument("--wheels", default=None,
+                        help="Folder of the carried wheels (default: .whl of the checkout; see gpu-wheels.txt).")
     parser.add_argument("--logs_archive", default=None,
                         help="Also pack the logs, histories and the JSON into this .tar.gz (e.g. $OUT/logs.tar.gz).")
     return parser.parse_args(argv)
@@ -496,9 +497,9 @@ def session_from_args(args: argparse.Namespace) -> Session:
                    batch_size=args.batch_size or (32 if smoke else 512), eval_batch_size=64 if smoke else 1024,
                    image_size=16 if smoke else 32, workers=0 if smoke else 8,
                    max_train_samples=256 if smoke else None, max_eval_samples=64 if smoke else None,
-                   budget_seconds=args.budget_seconds or (900.0 if smoke else 500.0),
+                   budget_seconds=args.budget_seconds or (1800.0 if smoke else 500.0),
                    search_epochs=args.search_epochs, pretrain_epochs=args.pretrain_epochs,
-                   max_epochs=args.max_epochs or (1 if smoke else 200), wheels=args.wheels,
+                   max_epochs=args.max_epochs or (1 if smoke else 200), wheels=args.wheels or str(REPO / ".whl"),
                    logs_archive=args.logs_archive)
 
 

@@ -54,7 +54,7 @@ def unmet_requirements(needs: dict[str, list[str]], versions: dict[str, str | No
     return unmet
 
 
-def install_wheels(wheels: str, site: Path, env: dict) -> dict:
+def install_wheels(wheels: str, site: Path, env: dict, wheel_list: Path = WHEEL_LIST) -> dict:
     """Install the whole wheel list from ``wheels`` into ``site`` when one of its distributions is missing here, put
     that folder first on the path of this process and of the commands (``env``), and check the carried wheels'
     requirements against what is installed."""
@@ -62,7 +62,7 @@ def install_wheels(wheels: str, site: Path, env: dict) -> dict:
 
     from packaging.requirements import Requirement
 
-    requirements = read_requirements()
+    requirements = read_requirements(wheel_list)
     missing = []
     for line in requirements:
         try:
@@ -73,10 +73,10 @@ def install_wheels(wheels: str, site: Path, env: dict) -> dict:
     if missing:
         command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                    "--no-cache-dir", "--upgrade", "--target", str(site), "--find-links", wheels,
-                   "-r", str(WHEEL_LIST)]
+                   "-r", str(wheel_list)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            info["install_error"] = (f"{' '.join(missing)} not installed, and installing {WHEEL_LIST.name} from "
+            info["install_error"] = (f"{' '.join(missing)} not installed, and installing {wheel_list.name} from "
                                      f"{wheels} failed (download the wheels with the line in that file): "
                                      + done.stderr[-800:])
             return info
@@ -117,10 +117,13 @@ print(json.dumps(out))
 """
 
 
-def probe(env: dict) -> dict:
+def probe(env: dict, timeout: float) -> dict:
     """Versions, device and whether the data layer imports, as the commands will see them (a subprocess)."""
-    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=120)
+    try:
+        done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=REPO, env=env,
+                              timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        return {"import_error": f"the environment probe did not finish in {timeout:.0f} s"}
     if done.returncode != 0 or not done.stdout.strip():
         return {"import_error": f"the environment probe failed (exit {done.returncode}): {done.stderr[-800:]}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
