@@ -31,7 +31,7 @@ installed from ``--wheels`` (default: the checkout's ``.whl``) into ``<output_di
 
 JSON: ``mode``, ``environment`` (versions, device, carried wheels, unmet requirements), ``throughput`` (images/s per
 step, data paths, kNN features, extrapolated paper-length hours), ``plan`` (source, rates, epochs, calibration
-``after_search``), ``stages`` (status ``ok`` / ``failed`` / ``timed_out`` / ``skipped``, seconds, log, error),
+``after_search``), ``stages`` (status ``ok`` / ``failed`` / ``timed_out`` / ``skipped`` / ``interrupted``, seconds, log, error),
 ``search`` (genotype, per-layer confidence), ``arms`` (genotype, epochs, kNN top-1 and its standard error, final loss,
 collapse std, images/s), ``paired_knn`` (searched minus baseline, standard error, z), ``seconds``, ``complete``; also
 in ``<output_dir>/gpu_session.json``, and ``--logs_archive`` packs logs, histories and the JSON into one .tar.gz.
@@ -116,7 +116,7 @@ class Session:
 @dataclass
 class StageResult:
     name: str
-    status: str = "skipped"  # ok / failed / timed_out / skipped
+    status: str = "skipped"  # ok / failed / timed_out / skipped / interrupted
     seconds: float = 0.0
     log: str | None = None
     error: str | None = None
@@ -210,15 +210,21 @@ def run_stage(result: StageResult, argv: list[str], log: Path, env: dict, deadli
     print(f"[gpu_session] {result.name}: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
     with log.open("w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                   start_new_session=True)
-        while process.poll() is None:
-            if time.monotonic() >= deadline:
-                stop_group(process)
-                result.status = "timed_out"
-                break
-            if history is not None and history_epochs(history) > len(result.epoch_ends):
-                result.epoch_ends.append(round(time.monotonic() - started, 2))
-            time.sleep(0.25)
+                                   start_new_session=True, preexec_fn=die_with_parent)
+        try:
+            while process.poll() is None:
+                if time.monotonic() >= deadline:
+                    stop_group(process)
+                    result.status = "timed_out"
+                    break
+                if history is not None and history_epochs(history) > len(result.epoch_ends):
+                    result.epoch_ends.append(round(time.monotonic() - started, 2))
+                time.sleep(0.25)
+        except BaseException:  # the session itself is being stopped: take the command and its workers along
+            stop_group(process)
+            result.status, result.error = "interrupted", "the session was stopped while this stage ran"
+            result.seconds = round(time.monotonic() - started, 1)
+            raise
     result.seconds = round(time.monotonic() - started, 1)
     result.epochs_done = history_epochs(history) if history is not None else 0
     if result.status != "timed_out":
@@ -229,6 +235,24 @@ def run_stage(result: StageResult, argv: list[str], log: Path, env: dict, deadli
                         else f"exit {process.returncode}") + f"; end of {log.name}:\n{tail}"
     print(f"[gpu_session] {result.name}: {result.status} in {result.seconds} s", file=sys.stderr, flush=True)
     return result
+
+
+class Interrupted(Exception):
+    """SIGTERM reached the session (a wall-clock limit around it): the JSON is still written."""
+
+
+def on_sigterm(signum, frame):
+    raise Interrupted(f"stopped by signal {signum}")
+
+
+def die_with_parent() -> None:
+    """In a stage's process before it runs: SIGTERM when the session's process dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def stop_group(process: subprocess.Popen) -> None:
@@ -521,8 +545,11 @@ def main(argv: list[str] | None = None) -> int:
     deadline = started + s.budget_seconds - RESERVE_SECONDS
     report: dict = {"mode": "cpu-smoke" if s.smoke else "gpu", "settings": asdict(s), "complete": False}
     stages: dict[str, StageResult] = {}
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         run_session(s, out, deadline, report, stages)
+    except Interrupted as error:
+        report["error"] = str(error)
     except Exception as error:  # a bug of this script: the JSON still says what ran
         import traceback
 

@@ -70,6 +70,10 @@ def install_wheels(wheels: str, site: Path, env: dict, wheel_list: Path = WHEEL_
         except metadata.PackageNotFoundError:
             missing.append(line)
     info = {"wheel_list": requirements, "missing_before": missing}
+    if missing and not any(Path(wheels).glob("*.whl")):
+        info["install_error"] = (f"{' '.join(missing)} not installed here, and {wheels} holds no wheels: download them "
+                                 f"with the pip line in {wheel_list.name} and carry the folder")
+        return info
     if missing:
         command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                    "--no-cache-dir", "--upgrade", "--target", str(site), "--find-links", wheels,

@@ -9,6 +9,8 @@ import json
 import math
 import os
 import pathlib
+import signal
+import subprocess
 import sys
 import sysconfig
 import tarfile
@@ -298,13 +300,7 @@ def test_a_stage_past_the_deadline_is_stopped_with_its_workers(session, tmp_path
                                dict(os.environ), deadline=time.monotonic() + 4)
     assert result.status == "timed_out" and time.monotonic() - started < 15
     assert "stopped at the deadline" in result.error and "started" in result.error
-    status = pathlib.Path(f"/proc/{int(child.read_text())}/status")
-    for _ in range(50):  # the command's own child got the signal too (gone, or a zombie waiting to be reaped)
-        if not status.exists() or "\nState:\tZ" in status.read_text():
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("the command's own child outlived the deadline")
+    assert gone(int(child.read_text())), "the command's own child outlived the deadline"
     failed = session.run_stage(session.StageResult("fails"), [sys.executable, "-c", "import sys; sys.exit('no data')"],
                                tmp_path / "f.log", dict(os.environ), deadline=time.monotonic() + 60)
     assert failed.status == "failed" and failed.error.startswith("exit 1") and "no data" in failed.error
@@ -353,7 +349,8 @@ def test_missing_wheels_are_installed_into_a_private_folder_first_on_the_path(wh
     empty = tmp_path / "empty"
     empty.mkdir()
     failed = wheels.install_wheels(str(empty), tmp_path / "site0", {"PYTHONPATH": ""}, wheel_list=wheel_list)
-    assert failed["install_error"].startswith("gpu-session-fixture==0.3 not installed, and installing wheels.txt from")
+    assert failed["install_error"] == (f"gpu-session-fixture==0.3 not installed here, and {empty} holds no wheels: "
+                                       "download them with the pip line in wheels.txt and carry the folder")
     env = {"PYTHONPATH": str(REPO_ROOT)}
     info = wheels.install_wheels(str(carried), tmp_path / "site", env, wheel_list=wheel_list)
     assert info["missing_before"] == ["gpu-session-fixture==0.3"] and "install_error" not in info
@@ -361,3 +358,47 @@ def test_missing_wheels_are_installed_into_a_private_folder_first_on_the_path(wh
     assert (tmp_path / "site" / "gpu_session_fixture" / "__init__.py").is_file()
     assert info["carried_versions"] == {"gpu-session-fixture": "0.3"}
     assert info["unmet_requirements"] == ["gpu-session-fixture needs nowhere-dist>=1: not installed"]
+
+
+SESSION_STOPPED = """
+import json, os, pathlib, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import gpu_session
+signal.signal(signal.SIGTERM, gpu_session.on_sigterm)
+child = ("import os, pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); time.sleep(120)")
+stage = gpu_session.StageResult("sleeper")
+try:
+    gpu_session.run_stage(stage, [sys.executable, "-c", child, sys.argv[2]], pathlib.Path(sys.argv[3]),
+                          dict(os.environ), deadline=time.monotonic() + 120)
+except gpu_session.Interrupted as error:
+    print(json.dumps({"status": stage.status, "error": str(error)}), flush=True)
+"""
+
+
+def gone(pid: int) -> bool:
+    """The process has ended (gone, or a zombie waiting to be reaped), within 5 s."""
+    status = pathlib.Path(f"/proc/{pid}/status")
+    for _ in range(50):
+        if not status.exists() or "\nState:\tZ" in status.read_text():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_session_takes_its_running_stage_along(sig, tmp_path):
+    """SIGTERM (a wall-clock limit around the session): the stage is stopped and marked interrupted, and the session
+    goes on to write its JSON. SIGKILL: the stage still gets SIGTERM from the kernel as its parent dies."""
+    pid_file = tmp_path / "stage.pid"
+    session = subprocess.Popen([sys.executable, "-c", SESSION_STOPPED, str(BENCHMARKS), str(pid_file),
+                                str(tmp_path / "stage.log")], stdout=subprocess.PIPE, text=True)
+    for _ in range(300):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    stage = int(pid_file.read_text())
+    session.send_signal(sig)
+    out, _ = session.communicate(timeout=60)
+    assert gone(stage), "the stage outlived its session"
+    if sig == signal.SIGTERM:
+        assert json.loads(out) == {"status": "interrupted", "error": f"stopped by signal {int(signal.SIGTERM)}"}
