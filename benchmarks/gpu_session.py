@@ -471,7 +471,7 @@ def run_session(s: Session, out: Path, deadline: float, report: dict, stages: di
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", "--cpu_smoke", dest="smoke", action="store_true",
-                        help="Every stage at toy sizes on the CPU (16 px, 256 training and 64 test images, batch 32, "
+                        help="Every stage at toy sizes on the CPU (16 px, 128 training and 32 test images, batch 32, "
                              "1 epoch): checks the script; its numbers mean nothing.")
     parser.add_argument("--output_dir", default="runs/gpu_session", help="Where every stage writes its folder.")
     parser.add_argument("--train_file", default=None,
@@ -520,7 +520,7 @@ def session_from_args(args: argparse.Namespace) -> Session:
                    framework=args.framework, seed=args.seed,
                    batch_size=args.batch_size or (32 if smoke else 512), eval_batch_size=64 if smoke else 1024,
                    image_size=16 if smoke else 32, workers=0 if smoke else 8,
-                   max_train_samples=256 if smoke else None, max_eval_samples=64 if smoke else None,
+                   max_train_samples=128 if smoke else None, max_eval_samples=32 if smoke else None,
                    budget_seconds=args.budget_seconds or (1800.0 if smoke else 500.0),
                    search_epochs=args.search_epochs, pretrain_epochs=args.pretrain_epochs,
                    max_epochs=args.max_epochs or (1 if smoke else 200), wheels=args.wheels or str(REPO / ".whl"),

@@ -140,10 +140,10 @@ def image_site(folder, names, local) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, wheels):
-    """One real --cpu-smoke session on generated 16-px images (256 train, 64 test), with the GPU machine's packages
+    """One real --cpu-smoke session on generated 16-px images (128 train, 32 test), with the GPU machine's packages
     only, every process's imports recorded."""
     folder = tmp_path_factory.mktemp("gpu-session")
-    train = write_image_parquet(folder / "train.parquet", 256, size=16, seed=0)
+    train = write_image_parquet(folder / "train.parquet", 128, size=16, seed=0)
     test = write_image_parquet(folder / "test.parquet", 64, size=16, seed=1)
     local = installed(wheels)
     version_gaps = needed_by_image_packages_here(wheels, local)
@@ -177,7 +177,7 @@ def test_cpu_smoke_runs_both_arms_and_reports_the_paired_knn(smoke_run):
     assert all(rate > 0 for rate in report["throughput"]["images_per_second"].values())
     plan = report["plan"]
     assert plan["from"] == "throughput check" and plan["search_epochs"] == plan["pretrain_epochs"] == 1
-    assert plan["train_images"] == 256 and plan["test_images"] == 64
+    assert plan["train_images"] == 128 and plan["test_images"] == 32
     assert report["search"]["epochs_done"] == 1 and len(report["search"]["genotype"]["projector"]) == len(
         report["search"]["confidence"]["projector"])
     arms = report["arms"]
@@ -185,9 +185,9 @@ def test_cpu_smoke_runs_both_arms_and_reports_the_paired_knn(smoke_run):
     for arm in arms.values():
         assert arm["status"] == "ok" and arm["epochs_done"] == 1 and 0 <= arm["knn_top1"] <= 100
         p = arm["knn_top1"] / 100
-        assert arm["knn_standard_error"] == pytest.approx(100 * math.sqrt(p * (1 - p) / 64), abs=0.01)
+        assert arm["knn_standard_error"] == pytest.approx(100 * math.sqrt(p * (1 - p) / 32), abs=0.01)
     paired = report["paired_knn"]
-    assert paired["test_images"] == 64
+    assert paired["test_images"] == 32
     assert paired["searched_minus_baseline"] == pytest.approx(
         arms["searched"]["knn_top1"] - arms["baseline"]["knn_top1"], abs=0.01)
     assert paired["standard_error"] == pytest.approx(
