@@ -64,6 +64,7 @@ def make_accelerator(output_dir: str | None, seed: int, precision: PrecisionArgu
             num_steps=gradient_accumulation_steps, sync_with_dataloader=False),
     )
     refuse_unsupported_engine(accelerator)
+    precision.check_device(accelerator.device.type, accelerator.mixed_precision)
     set_seed(seed)
     return accelerator
 
