@@ -200,3 +200,21 @@ def test_the_commands_from_a_model_refuse_fp16_on_a_cpu_before_reading_the_data(
     assert info.value.code == 2 and len(lines) == 1, lines
     assert "--mixed_precision fp16" in lines[0] and "bf16 is the CPU's half precision" in lines[0]
     assert sorted(p.name for p in model.iterdir()) == before and not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["torchvison", "a", "b"], "error: argument target: invalid choice 'torchvison' (choose from torchvision, "
+                               "detectron2, official, checkpoint); did you mean 'torchvision'? (see --help)"),
+    (["official", "x.pth.tar", "out", "--framework", "simclrr"], "error: argument --framework: invalid choice "
+                                                                 "'simclrr' (choose from simsiam, mocov2, simclr); did "
+                                                                 "you mean 'simclr'? (see --help)"),
+    (["torchvision", "model"], "error: the following arguments are required: output (see --help)"),
+])
+def test_convert_argument_errors_are_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    from nasiam_hf.commands import convert
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        convert.main(argv)
+    assert info.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [message]
+    assert list(tmp_path.iterdir()) == []

@@ -51,6 +51,10 @@ class OneLineErrors:
             raise argparse.ArgumentError(action, invalid_choice(value, action.choices))
 
 
+class OneLineArgumentParser(OneLineErrors, argparse.ArgumentParser):
+    """A plain argparse parser with one-line errors (``nasiam-convert``, the ``--config`` pre-parser)."""
+
+
 def build_parser(command_cls) -> argparse.ArgumentParser:
     """The ``HfArgumentParser`` of a command: one argument group per dataclass, plus ``--config``."""
     from transformers import HfArgumentParser
@@ -176,7 +180,7 @@ def parse_command(command_cls, argv: list[str] | None = None):
     A bad flag raises :class:`UsageError` with one line (the console scripts print it and exit with status 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(command_cls)
-    pre = type("ConfigParser", (OneLineErrors, argparse.ArgumentParser), {})(add_help=False, allow_abbrev=False)
+    pre = OneLineArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", type=str, default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config is not None:
@@ -249,4 +253,4 @@ def parse_keywords(command_cls, keywords: dict[str, Any], where: str):
     return _bundle(command_cls, vars(namespace))
 
 
-__all__ = ["build_parser", "invalid_choice", "parse_command", "parse_keywords", "read_config_file"]
+__all__ = ["OneLineArgumentParser", "build_parser", "invalid_choice", "parse_command", "parse_keywords", "read_config_file"]
