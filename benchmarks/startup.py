@@ -2,7 +2,8 @@
 (and ``import nasiam_hf`` followed by ``from transformers import AutoModel``, which registers the NASiam classes),
 and the floors they are held to: the interpreter alone, ``import transformers``, and ``from transformers import
 PreTrainedModel`` (the cost of any model code). Each is a fresh ``python`` process, timed from outside; the best of
-``--repeat`` runs is reported with every run, and the load average before and after (a loaded machine is slower).
+``--repeat`` runs is reported with every run, and the load average before and after (a loaded machine is slower;
+the CPU seconds of each process, user + system, are reported too: they depend much less on the load).
 
     python benchmarks/startup.py                 # best of 3
     python benchmarks/startup.py --repeat 5 --output startup.json
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -38,11 +40,13 @@ def cases() -> dict[str, list[str]]:
     return found
 
 
-def time_once(arguments: list[str]) -> float:
-    start = time.perf_counter()
+def time_once(arguments: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system) of one fresh process."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     subprocess.run([sys.executable, *arguments], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return time.perf_counter() - start
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -52,15 +56,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
     runs = {name: [] for name in cases()}
+    cpu = {name: [] for name in cases()}
     for _ in range(args.repeat):  # interleaved, so a burst of load hits every case alike
         for name, arguments in cases().items():
-            runs[name].append(round(time_once(arguments), 3))
+            wall, seconds = time_once(arguments)
+            runs[name].append(round(wall, 3))
+            cpu[name].append(round(seconds, 3))
     best = {name: min(times) for name, times in runs.items()}
     helps = {name: value for name, value in best.items() if name.endswith("--help")}
     floor = best["floor: from transformers import PreTrainedModel"]
     result = {
         "best_s": best,
         "runs_s": runs,
+        "best_cpu_s": {name: min(times) for name, times in cpu.items()},  # less sensitive to other processes' load
         "repeat": args.repeat,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],

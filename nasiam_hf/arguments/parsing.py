@@ -249,8 +249,8 @@ def parse_keywords(command_cls, keywords: dict[str, Any], where: str):
     if missing:
         raise UsageError(f"{where}: missing keyword {', '.join(f'{name}=...' for name in missing)}")
     _set_defaults(parser, values)
-    namespace, remaining = parser.parse_known_args([])
-    return _bundle(command_cls, vars(namespace))
+    return _bundle(command_cls, vars(parser.parse_args([])))
 
 
-__all__ = ["OneLineArgumentParser", "build_parser", "invalid_choice", "parse_command", "parse_keywords", "read_config_file"]
+__all__ = ["OneLineArgumentParser", "build_parser", "invalid_choice", "parse_command", "parse_keywords",
+           "read_config_file"]
