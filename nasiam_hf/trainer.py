@@ -68,7 +68,7 @@ def make_accelerator(output_dir: str | None, seed: int, precision: PrecisionArgu
     try:
         precision.check_device(accelerator.device.type, accelerator.mixed_precision)
     except ValueError:
-        AcceleratorState._reset_state(reset_partial_state=True)  # the next run in this process may choose again
+        AcceleratorState._reset_state()  # the next run in this process may choose its precision again
         raise
     set_seed(seed)
     return accelerator
