@@ -161,6 +161,7 @@ class UpdateGuard:
             if culprit:
                 self._fail(self._non_finite(part, int(culprit)), int(culprit))
         self.decision = Decision(stop=bool(stop), out_of_data=bool(missing))
+        self.flags, self.losses = {}, {}
         return self.decision
 
     def _non_finite(self, part: str, culprit: int) -> NonFiniteLossError:
@@ -215,8 +216,8 @@ class StepLoop:
     being seeded per sample and epoch, the views) an uninterrupted one would have seen. ``epochs`` None: as many
     as ``total_steps`` takes (streams of unknown length).
 
-    A configuration whose epoch holds no update is refused before the first one; an epoch that ends without an
-    update (a stream that gave too little) stops the run with one line. A bad image met while training
+    An epoch that ends without an update (a stream that gave too little; a configuration whose epochs can hold none
+    is refused before, by :meth:`~nasiam_hf.plans.OptimizationPlan.total_steps`) stops the run with one line. A bad image met while training
     (``--on_bad_image error``) stops the run with its file and row, keeping the last checkpoint (exit status 1).
     """
 
@@ -264,23 +265,12 @@ class StepLoop:
             self.on_epoch_end(epoch)
         self.state["epoch"], self.state["step_in_epoch"] = epoch + 1, 0
 
-    def check_reaches_updates(self) -> None:
-        """Refuse, before the first update, a run whose epochs hold no update (an accumulation larger than an
-        epoch's micro-batches, or an empty epoch): it would loop over empty epochs forever."""
-        first = self.state["epoch"]
-        last = first + 1 if self.epochs is None else max(first + 1, self.epochs)
-        for epoch in range(first, last):
-            problem = self.feed.no_update_reason(epoch)
-            if problem is not None:
-                raise UsageError(problem)
-
     def __iter__(self):
         from tqdm.auto import tqdm
 
         from .data import BadImageError
 
         acc, state, guard = self.accelerator, self.state, self.guard
-        self.check_reaches_updates()
         self.stop = guard.stop = StopRequest()
         self.progress = tqdm(total=self.total_steps, initial=state["global_step"], desc=self.desc,
                              disable=not acc.is_local_main_process, dynamic_ncols=True)
