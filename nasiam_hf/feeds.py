@@ -13,8 +13,8 @@ unknown ahead), and saves and restores its position in a checkpoint.
   with an unknown one, or with bad images skipped (the known length is then an upper bound: a lane holding a bad
   image gives a full batch less when its rows no longer fill it), the training feed reads one update ahead and the
   loop's per-update decision (:mod:`nasiam_hf.loop`) ends the epoch for all ranks as soon as one has no next update
-  (plus one agreement as each epoch starts); a feed whose ends are its own (the search's validation half, which
-  cycles) just starts its next epoch.
+  (the loop also agrees on each epoch's first update as it starts); a feed whose ends are its own (the search's
+  validation half, which cycles) just starts its next epoch.
 
 Every feed says why an epoch can hold no update (:meth:`no_update_reason`) so the loop refuses such a run before
 it starts instead of turning over empty epochs.
@@ -141,20 +141,14 @@ class StreamFeed:
         counts = [self.updates_in_epoch(e) for e in range(epochs)]
         return None if any(c is None for c in counts) else sum(counts)
 
-    def _all_have(self, have: bool) -> bool:
-        if self.accelerator.num_processes == 1:
-            return have
-        flag = torch.tensor([1.0 if have else 0.0], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes)
-
     def groups(self, epoch: int, start: int = 0) -> Iterator[list[dict]]:
         """The updates of ``epoch`` from the stream's own position (restored by :meth:`load_state_dict`; ``start``
         is the same position counted by the loop). Micro-batches whose images were all undecodable (skipped) carry
         no views and are passed over.
 
         A training feed whose ranks may run out at different times reads one update ahead: :meth:`next_missing`
-        then tells the loop's decision whether this rank has the next one; whether every rank has the epoch's
-        first update is agreed as the epoch starts (one all-reduce per epoch)."""
+        then tells the loop's decision whether this rank has the next one (whether every rank has the epoch's first
+        update the loop agrees on as the epoch starts)."""
         self.stream.set_epoch(epoch)
         updates = self.updates_in_epoch(epoch)
         may_end_early = self.may_end_early
@@ -175,9 +169,7 @@ class StreamFeed:
             return None
 
         try:
-            group = read(start)
-            if ahead and not self._all_have(group is not None):  # some rank has no update in this epoch
-                return
+            group = read(start)  # whether every rank has it is agreed by the loop as the epoch starts
             for update in itertools.count(start):
                 if group is None:
                     return

@@ -109,11 +109,14 @@ class UpdateGuard:
         self.fault = Fault.from_env()
         self.begin("", 0)
 
-    def begin(self, where: str, step: int, next_missing=lambda: False, may_stop_early: bool = False) -> None:
+    def begin(self, where: str, step: int, next_missing=lambda: False, may_stop_early: bool = False,
+              data_error: BaseException | None = None) -> None:
         """Arm for update ``step`` (1-based), described as ``where`` in messages. ``next_missing()``: whether this
         process lacks the next update. ``may_stop_early``: a stop may end the run before the next micro-batch (one
-        process, nothing done since the last checkpoint)."""
+        process, nothing done since the last checkpoint). ``data_error``: reading this update's data failed here
+        (the micro-batches are stand-ins): the decision stops every process."""
         self.where, self.step, self.next_missing, self.may_stop_early = where, step, next_missing, may_stop_early
+        self.data_error = data_error
         self.flags: dict[str, torch.Tensor] = {}
         self.losses: dict[str, list[torch.Tensor]] = {}
         self.validation_missing = False
@@ -146,13 +149,16 @@ class UpdateGuard:
         acc = self.accelerator
         me = float(acc.process_index + 1)
         host = torch.tensor([float(self.stop is not None and self.stop.flag), float(self.next_missing()),
-                             me if self.validation_missing else 0.0], dtype=torch.float32)
+                             me if self.data_error is not None else 0.0, me if self.validation_missing else 0.0],
+                            dtype=torch.float32)
         zero = torch.zeros((), dtype=torch.bool, device=acc.device)
         nonfinite = torch.stack([self.flags.get(part, zero) for part in PARTS]).float() * me
         flags = torch.cat([host.to(acc.device, non_blocking=True), nonfinite])
         if acc.num_processes > 1 and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, missing, validation, *bad = flags.tolist()  # the update's one host sync
+        stop, missing, data, validation, *bad = flags.tolist()  # the update's one host sync
+        if data:
+            self._fail(self._data_failure(), int(data))
         if validation:
             self._fail(TrainingError(
                 f"the validation half gives process {int(validation) - 1} no full batch in an epoch ({self.where}): "
@@ -176,11 +182,45 @@ class UpdateGuard:
             f"the loss became {value} at {where}; stopping before the update was applied ({keep}). Try a lower "
             "--learning_rate, --mixed_precision no, or a different --seed.")
 
-    def _fail(self, error: TrainingError, culprit: int) -> None:
-        error.quiet = self.accelerator.process_index + 1 != culprit  # one process prints the line
+    def agree_on_start(self, have: bool, data_error: BaseException | None) -> bool:
+        """As an epoch starts: whether every process has its first update (one all-reduce on several processes,
+        none on one); a process that failed to read it stops them all."""
+        acc = self.accelerator
+        self.data_error = data_error
+        me = float(acc.process_index + 1)
+        flags = torch.tensor([0.0 if have else 1.0, me if data_error is not None else 0.0], device=acc.device)
+        if acc.num_processes > 1 and dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            missing, data = flags.tolist()
+        else:
+            missing, data = float(not have), me if data_error is not None else 0.0
+        if data:
+            self._fail(self._data_failure(), int(data))
+        return not missing
+
+    def _data_failure(self) -> BaseException:
+        from .data import BadImageError
+
+        error = self.data_error
+        if error is None:  # another process failed: it prints why
+            return TrainingError(f"another process could not read its data ({self.where}); the run stopped")
+        if isinstance(error, BadImageError):
+            last = self.last_good()
+            keep = f"the last checkpoint is {last}" if last else "no checkpoint had been written yet"
+            return TrainingError(f"{error}; the run stopped ({keep}): rerun with --on_bad_image skip"
+                                 + (" --resume_from_checkpoint latest" if last else ""))
+        return error
+
+    def _fail(self, error: BaseException, culprit: int) -> None:
+        try:
+            error.quiet = self.accelerator.process_index + 1 != culprit  # one process prints the line
+        except AttributeError:  # pragma: no cover - an exception type without attributes
+            pass
         if self.on_failure is not None:
             self.on_failure()
-        raise error
+        if error is self.data_error:
+            raise error
+        raise error from self.data_error
 
 
 def due(every: tuple[str, int] | None, global_step: int, epoch: int, end_of_epoch: bool) -> bool:
@@ -216,9 +256,11 @@ class StepLoop:
     being seeded per sample and epoch, the views) an uninterrupted one would have seen. ``epochs`` None: as many
     as ``total_steps`` takes (streams of unknown length).
 
-    An epoch that ends without an update (a stream that gave too little; a configuration whose epochs can hold none
-    is refused before, by :meth:`~nasiam_hf.plans.OptimizationPlan.total_steps`) stops the run with one line. A bad image met while training
-    (``--on_bad_image error``) stops the run with its file and row, keeping the last checkpoint (exit status 1).
+    Every epoch starts with one agreement (on several processes) that each has its first update. An epoch that ends
+    without an update (a stream that gave too little; configurations whose epochs can hold none are refused before,
+    by :meth:`~nasiam_hf.plans.OptimizationPlan.total_steps`) stops the run with one line. Data that cannot be read
+    on one process (a bad image with ``--on_bad_image error``: its file and row are named) stops every process at
+    that update's decision, keeping the last checkpoint (exit status 1).
     """
 
     def __init__(self, accelerator: Accelerator, feed, state: dict, total_steps: int, checkpointer: Checkpointer,
@@ -268,8 +310,6 @@ class StepLoop:
     def __iter__(self):
         from tqdm.auto import tqdm
 
-        from .data import BadImageError
-
         acc, state, guard = self.accelerator, self.state, self.guard
         self.stop = guard.stop = StopRequest()
         self.progress = tqdm(total=self.total_steps, initial=state["global_step"], desc=self.desc,
@@ -283,10 +323,16 @@ class StepLoop:
                 state["epoch"] = epoch
                 updates = self.feed.updates_in_epoch(epoch)
                 ended = False
-                for group in self.feed.groups(epoch, state["step_in_epoch"]):
+                groups = iter(self.feed.groups(epoch, state["step_in_epoch"]))
+                group, error = _next_group(groups, None)
+                guard.where = f"epoch {epoch}, step {state['global_step'] + 1}"
+                if not guard.agree_on_start(group is not None, error):
+                    group = None  # some process has no update left in this epoch
+                while group is not None:
                     step = state["global_step"] + 1
                     guard.begin(f"epoch {epoch}, step {step}", step, self.feed.next_missing,
-                                may_stop_early=one_process and self.saved_step == state["global_step"])
+                                may_stop_early=one_process and self.saved_step == state["global_step"],
+                                data_error=error)
                     yield epoch, group
                     decision = guard.decision
                     if decision is None:
@@ -302,6 +348,11 @@ class StepLoop:
                         self._save(decision.stop)
                     if ended:
                         break
+                    # a failed read stands in the last update (the decision then stops every process before its
+                    # backward): the others are about to enter that update's collectives
+                    group, error = _next_group(groups, group)
+                    if group is None:  # pragma: no cover - every process was promised this update
+                        raise RuntimeError(f"the training data ended early in epoch {epoch} on this process")
                 if not ended:
                     if state["step_in_epoch"] == 0:
                         last = self.last_good()
@@ -312,11 +363,6 @@ class StepLoop:
                     self._end_epoch(epoch)  # the stream ran out after a partial epoch it had already begun
                     if due(self.checkpoint_every, state["global_step"], epoch, True):
                         self._save(False)
-        except BadImageError as error:
-            last = self.last_good()
-            keep = f"the last checkpoint is {last}" if last else "no checkpoint had been written yet"
-            raise TrainingError(f"{error}; the run stopped ({keep}): rerun with --on_bad_image skip"
-                                + (" --resume_from_checkpoint latest" if last else "")) from error
         finally:
             self.close()
 
@@ -335,6 +381,14 @@ class StepLoop:
 
     def set_postfix(self, **values) -> None:
         self.progress.set_postfix(values, refresh=False)
+
+
+def _next_group(groups, stand_in: list[dict] | None) -> tuple[list[dict] | None, BaseException | None]:
+    """The next update of ``groups``, or ``(stand_in, the error)`` when reading it failed on this process."""
+    try:
+        return next(groups, None), None
+    except Exception as error:  # noqa: BLE001 - decided by every process together (UpdateGuard.decide)
+        return stand_in, error
 
 
 __all__ = ["FAULT_ENV", "Decision", "StepLoop", "StopRequest", "UpdateGuard", "due", "restore_positions"]

@@ -120,7 +120,8 @@ def test_an_epoch_without_an_update_stops_the_run_with_one_line(convnext_folder,
     assert code == 1
     error = error_lines(capsys.readouterr().err)
     assert len(error) == 1, error
-    assert re.match(r"error: epoch 0 gave no full update \(2 micro-batches of --per_device_train_batch_size 4", error[0])
+    assert re.match(r"error: epoch 0 gave no full update \(2 micro-batches of --per_device_train_batch_size 4",
+                    error[0])
     assert not (out / "training_history.json").exists()
 
 
@@ -192,11 +193,37 @@ def test_a_non_finite_loss_on_one_of_two_processes_stops_both(tiny_parquet, conv
                                 "update was applied (the last good checkpoint is ")
     assert checkpoint_steps(out) == [1, 2] and not (out / "model.safetensors").exists()
     # the launcher reports when each process ended: both within seconds of each other (no one waits in a collective)
-    ends = {rank: time_ for time_, rank in re.findall(r"time\s*: (\S+)\s+host\s*: \S+\s+rank\s*: (\d)",
+    ends = {rank: stamp for stamp, rank in re.findall(r"time\s*: (\S+)\s+host\s*: \S+\s+rank\s*: (\d)",
                                                       result.stderr)}
     assert set(ends) == {"0", "1"}, result.stderr[-2000:]
     seconds = [time.mktime(time.strptime(t, "%Y-%m-%d_%H:%M:%S")) for t in ends.values()]
     assert max(seconds) - min(seconds) <= 5 and took < 200
+
+
+@pytest.mark.slow  # a two-process accelerate launch (gloo), about 30-40 s here
+def test_a_bad_image_met_by_one_of_two_processes_stops_both(tmp_path):
+    """``--on_bad_image error`` and an undecodable image that only one process meets, during training: both stop at
+    that update's decision, the one that met it naming the file and row."""
+    import numpy as np
+    from image_data import write_parquet
+    from test_bad_data_commands import GARBAGE, _row_outside_the_load_time_sample
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(96)]
+    row = _row_outside_the_load_time_sample(tmp_path, images, seed=3)
+    data = write_parquet(tmp_path / "scraped.parquet", images, broken={row: GARBAGE})
+    out = tmp_path / "run"
+    flags = ["--train_file", str(data), "--output_dir", str(out), "--genotype", "simclr-baseline",
+             "--per_device_train_batch_size", "8", "--num_train_epochs", "1", "--checkpointing_steps", "1",
+             "--image_size", "8", "--seed", "3", "--knn_every", "0", "--dataloader_num_workers", "0"]
+    result = accelerate_launch("training/pretrain.py", *flags, num_processes=2, timeout=240)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    errors = re.findall(r"error: [^\r\n]*", result.stdout + result.stderr)
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert re.match(rf"error: cannot decode the image of train file '{re.escape(str(data))}', row {row}: .*; the run "
+                    r"stopped \((the last checkpoint is \S+step-\d{8}|no checkpoint had been written yet)\): rerun with "
+                    r"--on_bad_image skip", errors[0])
+    assert not (out / "model.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
