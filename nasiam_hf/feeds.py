@@ -8,7 +8,7 @@ unknown ahead), and saves and restores its position in a checkpoint.
   it over the ranks); resuming skips the micro-batches already seen (``skip_first_batches``), and the views, seeded
   per (seed, epoch, sample, view), are the same ones.
 * :class:`StreamFeed`: a :class:`~nasiam_hf.data.StreamLoader`, which shards itself over the ranks (so it never goes
-  through ``accelerate.prepare``) and keeps its own resumable position per rank; the positions of all ranks are
+  through ``accelerator.prepare``) and keeps its own resumable position per rank; the positions of all ranks are
   saved together. Ranks may hold different numbers of batches: with a known length every rank takes the minimum;
   with an unknown one, or with bad images skipped (the known length is then an upper bound: a lane holding a bad
   image gives a full batch less when its rows no longer fill it), the training feed reads one update ahead and the
@@ -40,9 +40,9 @@ def _describe_update(accumulation: int, batch_size: int | None) -> str:
 
 
 def _no_update(accumulation: int, batch_size: int | None, micro_batches: int, images: int | None,
-               processes: int, what: str = "an epoch") -> str:
+               processes: int) -> str:
     data = f"{images} images" if images is not None else "the data"
-    return (f"{what} gives each process {micro_batches} micro-batch{'es' if micro_batches != 1 else ''} ({data} "
+    return (f"an epoch gives each process {micro_batches} micro-batch{'es' if micro_batches != 1 else ''} ({data} "
             f"over {processes} process{'es' if processes > 1 else ''}, --per_device_train_batch_size "
             f"{batch_size}), but one update takes {accumulation} (--gradient_accumulation_steps {accumulation}): "
             "no update could ever be made. Lower --gradient_accumulation_steps or --per_device_train_batch_size, "
@@ -61,12 +61,12 @@ class LoaderFeed:
     def updates_in_epoch(self, epoch: int) -> int:
         return len(self.loader) // self.accumulation
 
-    def no_update_reason(self, epoch: int, what: str = "an epoch") -> str | None:
+    def no_update_reason(self, epoch: int) -> str | None:
         """Why ``epoch`` holds no update (None when it holds one)."""
         if self.updates_in_epoch(epoch) > 0:
             return None
         return _no_update(self.accumulation, self.batch_size, len(self.loader), len(self.loader.dataset),
-                          self.accelerator.num_processes, what)
+                          self.accelerator.num_processes)
 
     def describe_update(self) -> str:
         return _describe_update(self.accumulation, self.batch_size)
@@ -117,18 +117,13 @@ class StreamFeed:
         steps = self.stream.steps_in_epoch(epoch)
         return None if steps is None else steps // self.accumulation
 
-    @property
-    def may_end_early(self) -> bool:
-        """Whether ranks can run out at different times: an unknown length, or bad images skipped."""
-        return self.stream.stream.on_bad_image == "skip" or self.stream.steps_in_epoch(self.stream.epoch) is None
-
-    def no_update_reason(self, epoch: int, what: str = "an epoch") -> str | None:
+    def no_update_reason(self, epoch: int) -> str | None:
         """Why ``epoch`` holds no update, when its length is known (None when it holds one, or is unknown)."""
         steps = self.stream.steps_in_epoch(epoch)
         if steps is None or steps // self.accumulation > 0:
             return None
         return _no_update(self.accumulation, self.stream.batch_size, steps, self.stream.stream.num_rows,
-                          self.accelerator.num_processes, what)
+                          self.accelerator.num_processes)
 
     def describe_update(self) -> str:
         return _describe_update(self.accumulation, self.stream.batch_size)
@@ -151,7 +146,7 @@ class StreamFeed:
         update the loop agrees on as the epoch starts)."""
         self.stream.set_epoch(epoch)
         updates = self.updates_in_epoch(epoch)
-        may_end_early = self.may_end_early
+        may_end_early = updates is None or self.stream.stream.on_bad_image == "skip"  # ranks may run out unevenly
         ahead = may_end_early and self.ends_together
         device = self.accelerator.device
         stream = iter(self.stream)

@@ -201,6 +201,42 @@ def test_a_non_finite_loss_on_one_of_two_processes_stops_both(tiny_parquet, conv
 
 
 @pytest.mark.slow  # a two-process accelerate launch (gloo), about 30-40 s here
+def test_two_processes_end_an_epoch_together_when_one_runs_out_first(tmp_path):
+    """A stream with skipped images, so its known length is only an upper bound: 64 rows in 16 units of 4, each
+    process promised 8 batches of 4, but the unit of 4 undecodable rows leaves one process 7 each epoch. The feed
+    reads an update ahead, the update decision ends the epoch on both after 7 updates (no hang, no process alone in
+    a collective), each process having trained its own first 7 batches."""
+    import numpy as np
+    from image_data import write_parquet_shards
+
+    from nasiam_hf.data import NORMALIZATION, build_transform, open_stream
+
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(64)]
+    shards, _ = write_parquet_shards(tmp_path / "shards", images, [16] * 4, row_group_size=4,
+                                     broken={i: b"no image" for i in range(20, 24)})
+    flags = ["--train_file", str(shards), "--streaming", "--on_bad_image", "skip", "--output_dir",
+             str(tmp_path / "run"), "--genotype", "simclr-baseline", "--per_device_train_batch_size", "4",
+             "--num_train_epochs", "2", "--image_size", "8", "--seed", "0", "--knn_every", "0",
+             "--checkpointing_steps", "no", "--dataloader_num_workers", "0"]
+    result = accelerate_launch("tests/stream_worker.py", tmp_path / "seen", "--", *flags, num_processes=2,
+                               timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    seen = [json.loads((tmp_path / "seen" / f"seen-rank{r}.json").read_text())["seen"] for r in (0, 1)]
+    stream = open_stream(train_file=str(shards), on_bad_image="skip")
+    transform = build_transform("ssl", "cifar", 8, *NORMALIZATION["cifar10"])
+    for epoch in (0, 1):
+        own = []  # what each process's share holds in the epoch, alone
+        for rank in (0, 1):
+            loader = stream.loader(4, transform=transform, seed=0, rank=rank, world_size=2)
+            loader.set_epoch(epoch)
+            own.append([b["index"].tolist() for b in loader if "pixel_values" in b])
+        assert sorted(len(o) for o in own) == [7, 8]  # one process runs out first
+        for rank in (0, 1):
+            assert seen[rank][str(epoch)] == [i for batch in own[rank][:7] for i in batch]
+
+
+@pytest.mark.slow  # a two-process accelerate launch (gloo), about 30-40 s here
 def test_a_bad_image_met_by_one_of_two_processes_stops_both(tmp_path):
     """``--on_bad_image error`` and an undecodable image that only one process meets, during training: both stop at
     that update's decision, the one that met it naming the file and row."""

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from test_fault_injection import assert_same_run, newest_step
 
 from nasiam_hf.commands import pretrain as pretrain_command
+from nasiam_hf.commands import search as search_command
 from nasiam_hf.loop import FAULT_ENV
 
 FRAMEWORKS = ("simsiam", "simclr", "mocov2", "byol")
@@ -66,13 +67,13 @@ def matrix(tmp_path_factory, convnext_folder):
     return Matrix
 
 
-def train_in_process(flags: list[str], out, *extra) -> int:
+def train_in_process(flags: list[str], out, *extra, command=pretrain_command) -> int:
     """The command's ``main`` in this process, with one thread (as the subprocesses of the SIGKILL cells); returns its
     exit status (0 when it returns)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pretrain_command.main([*flags, "--output_dir", str(out), *extra])
+        command.main([*flags, "--output_dir", str(out), *extra])
         return 0
     except SystemExit as stop:
         return stop.code
@@ -141,3 +142,26 @@ def test_sigkill_mid_epoch_then_resume(matrix, framework, path, capsys):
     assert re.search(rf"resumed from \S+step-{step:08d}", capsys.readouterr().out)
     assert_resumed_exactly(reference, killed, f"{framework} {path}: SIGKILL after step {step}")
     assert not [p for p in os.listdir(killed / "checkpoints") if p.startswith(".")]  # the killed save's leftovers
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_search_resumed_mid_epoch_ends_bit_identical(matrix, convnext_folder, path, capsys):
+    """The search too (MoCo v2: the queue, Shuffle-BN; the alpha step's validation half, which cycles on its own
+    position, per process on a stream): resumed from a mid-epoch checkpoint, the same supernet, optimizers (weights
+    and alphas), trainer state and history as the uninterrupted run."""
+    train = matrix.root / "search.parquet"
+    if not train.exists():
+        write_image_parquet(train, 24, size=16, seed=4)
+    flags = ["--train_file", str(train), "--framework", "mocov2", "--queue_size", "32",
+             "--backbone", str(convnext_folder), "--projector_layers", "2", "--per_device_train_batch_size", "4",
+             "--image_size", "16", "--seed", "5", "--num_train_epochs", "2", "--checkpointing_steps", "1",
+             "--checkpoints_total_limit", "10", "--dataloader_num_workers", "0", "--hessian_every", "0"]
+    flags += ["--streaming"] if path == "streamed" else []
+    straight, resumed = matrix.root / f"search-{path}", matrix.root / f"search-resumed-{path}"
+    assert train_in_process(flags, straight, command=search_command) == 0
+    total = newest_step(straight)  # about 12 training images: 3 updates an epoch (a stream's halves are hashed)
+    checkpoint = straight / "checkpoints" / "step-00000001"
+    assert train_in_process(flags, resumed, "--resume_from_checkpoint", str(checkpoint), command=search_command) == 0
+    assert f"resumed from {checkpoint} (epoch 0, step 1)" in capsys.readouterr().out  # mid-epoch
+    weights = assert_same_run(straight, resumed, "search_history.json", total, [f"search {path}"])
+    assert any(k.endswith("alphas") for k in weights) and "queue.keys" in weights
