@@ -7,9 +7,11 @@ An update (the micro-batches of one optimizer step) goes:
 2. after the last forward, before its backward (where DDP all-reduces the gradients), :meth:`UpdateGuard.decide`
    packs into one small tensor: a stop signal seen (SIGTERM, SIGINT), a non-finite loss (and on which process), this
    process's next update missing (a stream whose processes may run out at different times is read one update
-   ahead), this process's validation data missing; one all-reduce (MAX) on several processes, one host sync;
-3. every process then does the same: a non-finite loss stops them all before any backward (nothing applied, nothing
-   saved); otherwise the update is applied, then the loop ends the epoch (out of data) or saves and exits (a stop).
+   ahead), this process's data unreadable (a bad image: stand-in micro-batches kept it in step) or its validation
+   data missing; one all-reduce (MAX) on several processes, one host sync;
+3. every process then does the same: a non-finite loss or unreadable data stops them all before any backward
+   (nothing applied, nothing saved; the process that saw it prints the one line); otherwise the update is applied,
+   then the loop ends the epoch (out of data) or saves and exits (a stop).
 
 No process raises on its own before a collective the others enter: whatever one finds wrong during an update waits
 for the decision. A stop finishes the update in progress, so every checkpoint lies between updates and a resumed run
@@ -188,12 +190,11 @@ class UpdateGuard:
         acc = self.accelerator
         self.data_error = data_error
         me = float(acc.process_index + 1)
-        flags = torch.tensor([0.0 if have else 1.0, me if data_error is not None else 0.0], device=acc.device)
+        missing, data = float(not have), me if data_error is not None else 0.0
         if acc.num_processes > 1 and dist.is_initialized():
+            flags = torch.tensor([missing, data], device=acc.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             missing, data = flags.tolist()
-        else:
-            missing, data = float(not have), me if data_error is not None else 0.0
         if data:
             self._fail(self._data_failure(), int(data))
         return not missing

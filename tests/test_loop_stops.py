@@ -20,6 +20,7 @@ import time
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from conftest import REPO_ROOT, accelerate_launch, cli_env, write_image_parquet
 from PIL import Image
 
@@ -129,10 +130,17 @@ def test_an_epoch_without_an_update_stops_the_run_with_one_line(convnext_folder,
 # A non-finite loss
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("micro_batches", [1, 2])
-def test_a_non_finite_loss_is_never_applied(monkeypatch, micro_batches):
-    """Through the engines' weight step: the poisoned loss of the update's last micro-batch stops it before its
+def test_a_non_finite_loss_is_never_applied(monkeypatch, request, micro_batches):
+    """Through the engines' weight step: the poisoned losses of the update stop it before its last
     backward; weights, optimizer state, momentum encoder and (one micro-batch) MoCo queue are untouched."""
     monkeypatch.setenv(FAULT_ENV, "nan_loss@1")
+
+    def reset():  # Accelerate keeps its state in singletons: this test's accumulation, not an earlier test's
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    request.addfinalizer(reset)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=micro_batches)
     config = NASiamConfig(framework="mocov2", image_size=8, queue_size=64, projection_dim=16,
                           projector_hidden_size=16, projector_layers=2)
@@ -257,8 +265,8 @@ def test_a_bad_image_met_by_one_of_two_processes_stops_both(tmp_path):
     errors = re.findall(r"error: [^\r\n]*", result.stdout + result.stderr)
     assert len(errors) == 1, result.stderr[-3000:]
     assert re.match(rf"error: cannot decode the image of train file '{re.escape(str(data))}', row {row}: .*; the run "
-                    r"stopped \((the last checkpoint is \S+step-\d{8}|no checkpoint had been written yet)\): rerun with "
-                    r"--on_bad_image skip", errors[0])
+                    r"stopped \((the last checkpoint is \S+step-\d{8}|no checkpoint had been written yet)\): "
+                    r"rerun with --on_bad_image skip", errors[0])
     assert not (out / "model.safetensors").exists()
 
 

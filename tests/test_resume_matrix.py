@@ -102,6 +102,7 @@ def test_resume_from_a_mid_epoch_checkpoint_without_a_kill(matrix, framework, pa
         assert any(k.startswith("momentum_") for k in weights)
 
 
+@pytest.mark.slow  # two more runs per cell (the resume column above keeps every cell in the quick suite)
 @pytest.mark.parametrize("framework,path", CELLS)
 def test_sigterm_mid_epoch_then_resume(matrix, framework, path, monkeypatch, capsys):
     reference = matrix.reference(framework, path)
@@ -144,7 +145,7 @@ def test_sigkill_mid_epoch_then_resume(matrix, framework, path, capsys):
     assert not [p for p in os.listdir(killed / "checkpoints") if p.startswith(".")]  # the killed save's leftovers
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [pytest.param("map", marks=pytest.mark.slow), "streamed"])
 def test_a_search_resumed_mid_epoch_ends_bit_identical(matrix, convnext_folder, path, capsys):
     """The search too (MoCo v2: the queue, Shuffle-BN; the alpha step's validation half, which cycles on its own
     position, per process on a stream): resumed from a mid-epoch checkpoint, the same supernet, optimizers (weights
