@@ -140,6 +140,12 @@ class UpdateGuard:
         self.losses.setdefault(part, []).append(loss.detach())
         return loss
 
+    def data_failed(self, error: BaseException) -> None:
+        """Reading this update's data failed here (the caller goes on with stand-ins): the decision stops every
+        process, this one naming ``error``."""
+        if self.data_error is None:
+            self.data_error = error
+
     def missing_validation(self) -> None:
         """This process's validation data gave no batch in a whole epoch (stand-ins were used): the decision stops
         every process."""

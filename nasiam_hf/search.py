@@ -246,8 +246,14 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     for epoch, train_batches in loop:
         progress = state["global_step"] / total_steps
         schedule = apply_schedule(supernet, variant, progress)  # DARTS-: this update's skip weight
-        val_batches = [next(val_iter) for _ in train_batches]
-        if any(b is None for b in val_batches):  # this rank's validation share is empty: stand-ins until the decision
+        # what goes wrong with this rank's validation data waits for the update's decision, the training
+        # micro-batches standing in meanwhile (the other ranks are about to enter the forwards' collectives)
+        try:
+            val_batches = [next(val_iter) for _ in train_batches]
+        except Exception as error:  # noqa: BLE001 - e.g. a bad image: decided by every rank together
+            loop.guard.data_failed(error)
+            val_batches = list(train_batches)
+        if any(b is None for b in val_batches):  # an epoch of this rank's validation share gave no batch
             loop.guard.missing_validation()
             val_batches = list(train_batches)
         bad = bad_image_count(train_batches)
