@@ -11,9 +11,10 @@ Measured, always through the package's own functions (the code the training comm
 (e) kNN evaluation: ``evaluation.extract_features`` + ``evaluation.knn_predict``.
 
 Steps (b)-(d) run for each precision/layout variant (fp32, channels_last, bf16 autocast, both); models are built with
-``trainer.prepare_model_layout``, optimizers with the package's builders, and every step goes through the same NaN
-guard the commands use. Warmup steps are excluded; timings are medians over ``--repeats`` steps. Images/s count
-source images (each gives two views), so "an epoch over N images" takes N / (images/s) seconds.
+``trainer.prepare_model_layout``, optimizers with the package's builders, and every step goes through the same
+per-update guard (non-finite check and decision) the commands use. Warmup steps are excluded; timings are medians
+over ``--repeats`` steps. Images/s count source images (each gives two views), so "an epoch over N images" takes
+N / (images/s) seconds.
 
 Peak memory: CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; CPU the peak resident set
 size of this process (``VmHWM`` of /proc/self/status, reset to the current RSS through /proc/self/clear_refs before
@@ -209,17 +210,16 @@ def free() -> None:
 def bench_steps(args, variant: str, tmp: Path, compile_backbone: bool = False) -> dict:
     from nasiam_hf import NASiamConfig
     from nasiam_hf.modeling_nasiam import NASiamForArchitectureSearch, NASiamForPreTraining
-    from nasiam_hf.checkpoints import Checkpointer
     from nasiam_hf.optimization import build_sgd, momentum_for_step, predictor_param_groups, scaled_lr, weight_step
     from nasiam_hf.search import alpha_step, build_arch_optimizer
-    from nasiam_hf.trainer import check_finite, prepare_model_layout
+    from nasiam_hf.loop import UpdateGuard
+    from nasiam_hf.trainer import prepare_model_layout
 
     precision, channels_last = VARIANTS[variant]
     accelerator = new_accelerator(precision, args.device)
     device = accelerator.device
     memory = Memory(device)
-    checkpointer = Checkpointer(accelerator, tmp)
-    guard = lambda loss: check_finite(loss, "benchmark", checkpointer)  # noqa: E731 - the commands' NaN guard
+    guard = UpdateGuard(accelerator)  # the commands' per-update checks and decision (one host sync per update)
     batch = synthetic_views(args.batch_size, args.image_size, device)
     lr = scaled_lr(0.06, args.batch_size)
     timing = dict(images=args.batch_size, warmup=args.warmup, repeats=args.repeats, device=device, memory=memory)

@@ -139,7 +139,8 @@ def run_entry_point(main: Callable[[list[str]], T], argv: Sequence[str] | None =
         message, code = describe_error(error)
         if debug_requested(argv):
             traceback.print_exc()
-        print(f"error: {message}", file=sys.stderr)
+        if not getattr(error, "quiet", False):  # an error every process raised together: one of them prints it
+            print(f"error: {message}", file=sys.stderr)
         sys.exit(code)
 
 

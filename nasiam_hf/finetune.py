@@ -32,9 +32,8 @@ from .fileio import atomic_write_json, read_json, staged_files
 from .folders import require_model
 from .processing import image_processor_for_splits
 from .optimization import build_cosine_schedule, build_optimizer
-from .trainer import (
-    StepLoop, check_finite, mean_over_ranks, prepare_model_layout, start_run, start_tracking,
-)
+from .loop import StepLoop
+from .trainer import mean_over_ranks, prepare_model_layout, start_run, start_tracking
 
 HISTORY_FILE = "finetune_history.json"
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -103,14 +102,19 @@ def _hub_model_id(path: str) -> str | None:
 
 def classification_step(model, batches: list[dict], optimizer, scheduler, accelerator, guard,
                         max_grad_norm: float | None = None) -> list:
-    """One optimizer update of the classifier from the micro-batches of one update; returns their outputs."""
+    """One optimizer update of the classifier from the micro-batches of one update; returns their outputs.
+    ``guard``: the update's :class:`~nasiam_hf.loop.UpdateGuard` (decides after the last forward, before its
+    backward, as :func:`~nasiam_hf.optimization.weight_step` does)."""
     outputs = []
-    for batch in batches:
+    for i, batch in enumerate(batches):
         with accelerator.accumulate(model):
+            guard.before_micro_batch()
             with accelerator.autocast():
                 out = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
-            guard(out.loss)
-            accelerator.backward(out.loss)
+            loss = guard.watch(out.loss)
+            if i == len(batches) - 1:
+                guard.decide()
+            accelerator.backward(loss)
             if accelerator.sync_gradients and max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
@@ -175,7 +179,7 @@ def run_finetune(command: FinetuneCommand) -> Path:
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    train_feed = LoaderFeed(train_loader, accelerator, opt.accumulation)
+    train_feed = LoaderFeed(train_loader, accelerator, opt.accumulation, batch)
     total_steps = opt.total_steps(train_feed)
     scheduler = accelerator.prepare(
         build_cosine_schedule(optimizer, accelerator, opt.warmup_epochs, train_feed.updates_in_epoch(0), total_steps)
@@ -219,12 +223,10 @@ def run_finetune(command: FinetuneCommand) -> Path:
                     epochs=None if opt.max_train_steps else opt.epochs)
     model.train()
     for epoch, batches in loop:
-        where = f"epoch {epoch}, step {state['global_step'] + 1}"
         if make_view is not None:
             batches = [make_view(b) for b in batches]
         outs = classification_step(model, batches, optimizer, scheduler, accelerator,
-                                   guard=lambda loss: check_finite(loss, where, checkpointer),
-                                   max_grad_norm=opt.max_grad_norm)
+                                   guard=loop.guard, max_grad_norm=opt.max_grad_norm)
         loss_value = sum(out.loss.item() for out in outs) / len(outs)
         state["running"][0] += loss_value
         state["running"][1] += 1

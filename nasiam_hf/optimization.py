@@ -11,7 +11,7 @@ update. What accumulation cannot reproduce: BatchNorm statistics and contrastive
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from accelerate import Accelerator
@@ -135,27 +135,35 @@ def as_micro_batches(batches: dict | Sequence[dict]) -> list[dict]:
 
 
 def weight_step(model, batches: dict | Sequence[dict], optimizer: torch.optim.Optimizer, scheduler,
-                accelerator: Accelerator, momentum: float | None = None,
-                guard: Callable[[torch.Tensor], None] | None = None, max_grad_norm: float | None = None):
+                accelerator: Accelerator, momentum: float | None = None, guard=None,
+                max_grad_norm: float | None = None):
     """One optimizer update of the weights (supernet or discrete model) from one batch or from the micro-batches
     of one update; returns the model outputs, one per micro-batch.
 
-    ``model`` is the prepared (possibly DDP-wrapped) model. Each micro-batch goes through ``accelerator.accumulate``;
-    ``guard(loss)`` runs before each backward and may raise to prevent a bad update (the NaN guard). On the update:
-    optional clipping to ``max_grad_norm``, the optimizer and scheduler steps, the momentum update (MoCo v2, BYOL).
-    Gradients that reach the alphas are dropped: only the parameters in ``optimizer`` move.
+    ``model`` is the prepared (possibly DDP-wrapped) model. Each micro-batch goes through ``accelerator.accumulate``.
+    ``guard`` (an :class:`~nasiam_hf.loop.UpdateGuard`) sees each loss after its forward and, after the last
+    forward and before its backward (DDP's gradient all-reduce), takes the update's cross-process decision: it
+    raises on every process alike when the update must not be applied (a non-finite loss), so no process leaves a
+    collective the others entered. On the update: optional clipping to ``max_grad_norm``, the optimizer and
+    scheduler steps, the momentum update (MoCo v2, BYOL). Gradients that reach the alphas are dropped: only the
+    parameters in ``optimizer`` move.
     """
     core = accelerator.unwrap_model(model)
     outputs = []
     micro = as_micro_batches(batches)
-    for batch in micro:
+    for i, batch in enumerate(micro):
         with accelerator.accumulate(model):
+            if guard is not None:
+                guard.before_micro_batch()
             view_1, view_2 = model_inputs(core, batch)
             with accelerator.autocast():
                 out = model(pixel_values=view_1, pixel_values_2=view_2)
+            loss = out.loss
             if guard is not None:
-                guard(out.loss)
-            accelerator.backward(out.loss)
+                loss = guard.watch(loss)
+                if i == len(micro) - 1:
+                    guard.decide()
+            accelerator.backward(loss)
             if accelerator.sync_gradients and max_grad_norm is not None:
                 accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
             optimizer.step()

@@ -19,6 +19,7 @@ from .arguments import (
 )
 from .backbones import backbone_config_values, is_torchvision_backbone
 from .configuration_nasiam import FRAMEWORK_DEFAULTS, NASiamConfig, check_preset
+from .errors import UsageError
 from .folders import require_genotype_source
 from .optimization import scaled_lr
 from .presets import PRESETS, recipe_for_policy, resolve_recipe
@@ -109,7 +110,12 @@ class OptimizationPlan:
 
     def total_steps(self, feed) -> int:
         """Optimizer updates of the whole run: ``--max_train_steps``, else the updates of the epochs of ``feed``
-        (:mod:`nasiam_hf.feeds`)."""
+        (:mod:`nasiam_hf.feeds`). A run whose epochs hold no update (an accumulation longer than an epoch) is
+        refused here, before training: it would turn over empty epochs forever."""
+        for epoch in range(self.epochs or 1):
+            problem = feed.no_update_reason(epoch)
+            if problem is not None:
+                raise UsageError(problem)
         if self.max_train_steps is not None:
             return self.max_train_steps
         total = feed.total_updates(self.epochs) if self.epochs is not None else None

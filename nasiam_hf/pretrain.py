@@ -17,10 +17,10 @@ from .modeling_nasiam import NASiamForPreTraining
 from .optimization import build_cosine_schedule, build_sgd, momentum_for_step, predictor_param_groups, weight_step
 from .plans import PretrainPlan, check_pretrain_flags, plan_pretrain
 from .feeds import num_samples, view_feed
+from .loop import StepLoop, due, restore_positions
 from .trainer import (
-    DeviceSums, StepLoop, bad_image_count, check_finite, describe_backbone_of, describe_count, due,
-    initialise_backbone, mean_over_ranks, prepare_model_layout, report_bad_images, restore_positions, start_run,
-    start_tracking,
+    DeviceSums, bad_image_count, describe_backbone_of, describe_count, initialise_backbone, mean_over_ranks,
+    prepare_model_layout, report_bad_images, start_run, start_tracking,
 )
 
 logger = logging.getLogger(__name__)
@@ -170,13 +170,12 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
                     epochs=None if opt.max_train_steps else opt.epochs)
     model.train()
     for epoch, batches in loop:
-        where = f"epoch {epoch}, step {state['global_step'] + 1}"
         bad = bad_image_count(batches)
         if make_views is not None:
             batches = [make_views(b) for b in batches]
         momentum = momentum_for_step(config, state["global_step"], total_steps)
-        outs = weight_step(model, batches, optimizer, scheduler, accelerator, momentum,
-                           guard=lambda loss: check_finite(loss, where, checkpointer), max_grad_norm=opt.max_grad_norm)
+        outs = weight_step(model, batches, optimizer, scheduler, accelerator, momentum, guard=loop.guard,
+                           max_grad_norm=opt.max_grad_norm)
         sums.add(mean_loss(outs), outs[-1].collapse_std, bad)
         if knn_loaders is not None and knn_every[0] == "steps" and (state["global_step"] + 1) % knn_every[1] == 0:
             knn_at_step(state["global_step"] + 1)

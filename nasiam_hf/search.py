@@ -9,7 +9,6 @@ hand them to the model in channels_last when the model was prepared that way (:f
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import torch
@@ -30,10 +29,11 @@ from .search_methods import (
     derive_genotype, genotype_shares,
 )
 from .checkpoints import Checkpointer
-from .feeds import cycle_batches, num_samples, view_feed
+from .feeds import cycle_batches, first_batches, num_samples, view_feed
+from .loop import StepLoop, restore_positions
 from .trainer import (
-    DeviceSums, StepLoop, bad_image_count, check_finite, describe_backbone_of, describe_count, initialise_backbone,
-    mean_over_ranks, prepare_model_layout, report_bad_images, restore_positions, start_run, start_tracking,
+    DeviceSums, bad_image_count, describe_backbone_of, describe_count, initialise_backbone, mean_over_ranks,
+    prepare_model_layout, report_bad_images, start_run, start_tracking,
 )
 
 ARCH_OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -68,20 +68,23 @@ def alpha_step(model: NASiamForArchitectureSearch, batches: dict | list[dict], a
     module takes no part in a forward). The backbone runs without autograd, gradients are taken for the alphas
     only, averaged over ranks by hand so every rank keeps identical alphas, and nothing else changes (no momentum
     update, no queue write; BatchNorm running statistics still move, as in any train-mode forward).
-    ``guard(loss)`` runs before the update and may raise to prevent it; ``objective(loss)`` turns the validation
-    loss into what is differentiated (beta-DARTS adds its regulariser there).
+    ``guard`` (the update's :class:`~nasiam_hf.loop.UpdateGuard`) sees each validation loss; it takes no decision
+    here: the weight step of the same update does, for both (a non-finite alpha loss reaches nothing saved: the run
+    stops there). ``objective(loss)`` turns the validation loss into what is differentiated (beta-DARTS adds its
+    regulariser there).
     """
     params = model.arch_parameters()
     micro = as_micro_batches(batches)
     total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     outputs = []
     for batch in micro:
+        if guard is not None:
+            guard.before_micro_batch()
         view_1, view_2 = model_inputs(model, batch)
         with accelerator.autocast():
             out = model(view_1, view_2, backbone_grad=False)
-        if guard is not None:
-            guard(out.loss)
-        loss = out.loss if objective is None else objective(out.loss)
+        loss = out.loss if guard is None else guard.watch(out.loss, "alpha step")
+        loss = loss if objective is None else objective(loss)
         loss = accelerator.scaler.scale(loss) if accelerator.scaler is not None else loss
         for t, g in zip(total, torch.autograd.grad(loss / len(micro), params)):
             t.add_(g.float())
@@ -172,14 +175,16 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
                   workers=data.dataloader_num_workers)
     train_feed, train_views = view_feed(accelerator, splits, train_half, seed=run.seed, accumulation=opt.accumulation,
                                         **common)
-    val_feed, val_views = view_feed(accelerator, splits, val_half, seed=run.seed + 1, **common)
+    # the validation half cycles: on a stream, each rank's epoch of it ends when its own share does
+    val_feed, val_views = view_feed(accelerator, splits, val_half, seed=run.seed + 1, ends_together=False, **common)
     # a fixed few validation batches for the head-only measurements (Hessian, DARTS-PT), from their own loader so
     # the resumable validation position is not disturbed
-    probe_feed, _ = view_feed(accelerator, splits, val_half, seed=run.seed + 2, **{**common, "workers": 0})
+    probe_feed, _ = view_feed(accelerator, splits, val_half, seed=run.seed + 2, ends_together=False,
+                              **{**common, "workers": 0})
     variant = plan.variant
 
     def probe_batches():
-        batches = [group[0] for group in itertools.islice(probe_feed.groups(0), PROBE_BATCHES)]
+        batches = first_batches(probe_feed, PROBE_BATCHES)
         batches = [val_views(b) for b in batches] if on_device else batches
         with torch.no_grad():
             return cache_backbone_features(supernet, batches)
@@ -239,21 +244,27 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     model.train()
     schedule = apply_schedule(supernet, variant, state["global_step"] / total_steps)
     for epoch, train_batches in loop:
-        where = f"epoch {epoch}, step {state['global_step'] + 1}"
         progress = state["global_step"] / total_steps
         schedule = apply_schedule(supernet, variant, progress)  # DARTS-: this update's skip weight
-        val_batches = [next(val_iter) for _ in train_batches]
+        # what goes wrong with this rank's validation data waits for the update's decision, the training
+        # micro-batches standing in meanwhile (the other ranks are about to enter the forwards' collectives)
+        try:
+            val_batches = [next(val_iter) for _ in train_batches]
+        except Exception as error:  # noqa: BLE001 - e.g. a bad image: decided by every rank together
+            loop.guard.data_failed(error)
+            val_batches = list(train_batches)
+        if any(b is None for b in val_batches):  # an epoch of this rank's validation share gave no batch
+            loop.guard.missing_validation()
+            val_batches = list(train_batches)
         bad = bad_image_count(train_batches)
         if on_device:
             train_batches = [train_views(b) for b in train_batches]
             val_batches = [val_views(b) for b in val_batches]
-        a_out = alpha_step(supernet, val_batches, arch_optimizer, accelerator,
-                           guard=lambda loss: check_finite(loss, f"{where} (alpha step)", checkpointer),
+        a_out = alpha_step(supernet, val_batches, arch_optimizer, accelerator, guard=loop.guard,
                            objective=lambda loss: alpha_objective(loss, supernet, variant, progress))
         momentum = momentum_for_step(config, state["global_step"], total_steps)
         w_out = weight_step(model, train_batches, weight_optimizer, scheduler, accelerator, momentum,
-                            guard=lambda loss: check_finite(loss, f"{where} (weight step)", checkpointer),
-                            max_grad_norm=opt.max_grad_norm)
+                            guard=loop.guard, max_grad_norm=opt.max_grad_norm)
         sums.add(mean_loss(w_out), mean_loss(a_out), w_out[-1].collapse_std, bad)
         if (state["global_step"] + 1) % run.logging_steps == 0:
             means = fold_sums()

@@ -1,27 +1,21 @@
 """What every training engine shares around its steps: the Accelerator, the output-folder guard of a command, the
-model layout (SyncBatchNorm, channels_last, compile), device-side running sums, preemption, the NaN guard, tracking
-and the epoch/update loop. Checkpoints themselves live in :mod:`nasiam_hf.checkpoints`, the optimisers and the
-weight step in :mod:`nasiam_hf.optimization`.
+model layout (SyncBatchNorm, channels_last, compile), device-side running sums and tracking. The epoch/update loop
+and its per-update decision (stops, non-finite losses, data running out) live in :mod:`nasiam_hf.loop`, checkpoints
+in :mod:`nasiam_hf.checkpoints`, the optimisers and the weight step in :mod:`nasiam_hf.optimization`.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
-import signal
-import sys
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
-from torch import distributed as dist
 
 from .arguments import Command, PrecisionArguments, TrackingArguments
-from .checkpoints import Checkpointer, OutputPlan, guard_output_dir
-from .errors import NonFiniteLossError, TrainingError, UsageError
+from .checkpoints import OutputPlan, guard_output_dir
+from .errors import UsageError
 from .hub.metadata import redact_secrets
 
 
@@ -203,165 +197,11 @@ def mean_over_ranks(accelerator: Accelerator, values: list[float]) -> list[float
     return accelerator.reduce(t, reduction="mean").tolist()
 
 
-class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag checked between steps; ranks agree through an all-reduce."""
-
-    def __init__(self):
-        self.flag = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not in the main thread
-                pass
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def should_stop(self, accelerator: Accelerator) -> bool:
-        if accelerator.num_processes == 1 or not dist.is_initialized():
-            return self.flag
-        flag = torch.tensor([1.0 if self.flag else 0.0], device=accelerator.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def start_tracking(accelerator: Accelerator, command: Command, project: str) -> None:
     """With ``--with_tracking``, start the trackers of ``--report_to`` with the run's scalar arguments."""
     if command.tracking.with_tracking:
         values = redact_secrets(command.values())
         accelerator.init_trackers(project, {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))})
-
-
-def check_finite(loss: torch.Tensor, where: str, checkpointer: Checkpointer) -> None:
-    if not math.isfinite(float(loss.detach())):
-        last = checkpointer.checkpoints()
-        keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint had been written yet"
-        raise NonFiniteLossError(
-            f"the loss became {float(loss.detach())} at {where}; stopping ({keep}). Try a lower --learning_rate, "
-            "--mixed_precision no, or a different --seed."
-        )
-
-
-def due(every: tuple[str, int] | None, global_step: int, epoch: int, end_of_epoch: bool) -> bool:
-    """Whether a periodic action (``parse_every``: ("steps", n) or ("epochs", n), None = never) is due now."""
-    if every is None:
-        return False
-    unit, n = every
-    if unit == "steps":
-        return global_step % n == 0
-    return end_of_epoch and (epoch + 1) % n == 0
-
-
-def exit_for_preemption(accelerator: Accelerator, path: Path) -> None:
-    accelerator.print(f"stop requested: checkpoint saved at {path}; continue with --resume_from_checkpoint latest")
-    accelerator.end_training()
-    sys.exit(0)
-
-
-class StepLoop:
-    """Epoch and update bookkeeping shared by the training commands.
-
-    Iterating yields ``(epoch, micro_batches)``: the micro-batches of one optimizer update (a list of one batch
-    without accumulation), from a feed (:mod:`nasiam_hf.feeds`: a map-style loader or a stream). After each update
-    it counts, calls ``on_epoch_end(epoch)`` at the end of an epoch, saves checkpoints when ``checkpoint_every``
-    says so (calling ``before_save()`` first, to fold device-side sums into ``state``, and ``after_save(path)`` on
-    the main process after, e.g. to push it) and, on a stop request agreed by all ranks, saves one and exits.
-    ``state`` (a JSON-able dict) holds the position (``epoch``, ``step_in_epoch`` and ``global_step``, in updates),
-    the feed's own position (``data_position``, for streams) and whatever the caller keeps in it; it is what a
-    checkpoint's ``trainer_state.json`` stores, so a resumed run continues with exactly the batches (and, views
-    being seeded per sample and epoch, the views) an uninterrupted one would have seen. ``epochs`` None: as many
-    as ``total_steps`` takes (streams of unknown length).
-
-    A bad image met while training (``--on_bad_image error``) stops the run with its file and row, keeping the last
-    checkpoint (exit status 1).
-    """
-
-    def __init__(self, accelerator: Accelerator, feed, state: dict, total_steps: int, checkpointer: Checkpointer,
-                 checkpoint_every: tuple[str, int] | None, on_epoch_end=None, desc: str = "train", before_save=None,
-                 after_save=None, epochs: int | None = None, other_feeds: dict | None = None):
-        self.accelerator, self.feed, self.state = accelerator, feed, state
-        self.feeds = {"train": feed, **(other_feeds or {})}  # whose positions a checkpoint holds
-        self.total_steps, self.checkpointer, self.checkpoint_every = total_steps, checkpointer, checkpoint_every
-        self.epochs = epochs
-        self.on_epoch_end = on_epoch_end
-        self.before_save, self.after_save = before_save, after_save
-        self.desc = desc
-
-    def _save(self, stopping: bool) -> None:
-        acc, state = self.accelerator, self.state
-        if self.before_save is not None:
-            self.before_save()
-        state["data_position"] = {name: feed.state_dict() for name, feed in self.feeds.items()}
-        path = self.checkpointer.save(state["global_step"], state)
-        if self.after_save is not None and acc.is_main_process:
-            self.after_save(path)
-        if stopping:
-            exit_for_preemption(acc, path)
-
-    def _end_epoch(self, epoch: int) -> None:
-        if self.on_epoch_end is not None:
-            self.on_epoch_end(epoch)
-        self.state["epoch"], self.state["step_in_epoch"] = epoch + 1, 0
-
-    def __iter__(self):
-        from tqdm.auto import tqdm
-
-        from .data import BadImageError
-
-        acc, state = self.accelerator, self.state
-        stop = StopRequest()
-        self.progress = tqdm(total=self.total_steps, initial=state["global_step"], desc=self.desc,
-                             disable=not acc.is_local_main_process, dynamic_ncols=True)
-        try:
-            epochs = range(state["epoch"], self.epochs) if self.epochs is not None else itertools.count(state["epoch"])
-            for epoch in epochs:
-                if state["global_step"] >= self.total_steps:
-                    return
-                state["epoch"] = epoch
-                updates = self.feed.updates_in_epoch(epoch)
-                ended = False
-                for group in self.feed.groups(epoch, state["step_in_epoch"]):
-                    yield epoch, group
-                    state["global_step"] += 1
-                    state["step_in_epoch"] += 1
-                    self.progress.update(1)
-                    done = state["global_step"] >= self.total_steps
-                    ended = done or (updates is not None and state["step_in_epoch"] >= updates)
-                    if ended:
-                        self._end_epoch(epoch)
-                    stopping = stop.should_stop(acc)
-                    if due(self.checkpoint_every, state["global_step"], epoch, ended) or stopping:
-                        self._save(stopping)
-                    if ended:
-                        break
-                if not ended:  # the stream ran out (its length was not known ahead): the last update ended it
-                    self._end_epoch(epoch)
-                    if due(self.checkpoint_every, state["global_step"], epoch, True):
-                        self._save(False)
-        except BadImageError as error:
-            last = self.checkpointer.checkpoints()
-            keep = f"the last checkpoint is {last[-1]}" if last else "no checkpoint had been written yet"
-            raise TrainingError(f"{error}; the run stopped ({keep}): rerun with --on_bad_image skip"
-                                + (" --resume_from_checkpoint latest" if last else "")) from error
-        finally:
-            self.progress.close()
-            stop.restore()
-
-    def set_postfix(self, **values) -> None:
-        self.progress.set_postfix(values, refresh=False)
-
-
-def restore_positions(state: dict, feeds: dict) -> None:
-    """Give each feed (``{"train": feed, ...}``, as :class:`StepLoop` saves them) its position from a resumed
-    trainer state; a no-op on a fresh start and for map-style feeds."""
-    positions = state.get("data_position") or {}
-    for name, feed in feeds.items():
-        feed.load_state_dict(positions.get(name))
 
 
 def bad_image_count(batches: list[dict]) -> torch.Tensor:

@@ -87,7 +87,8 @@ def test_interrupted_search_resumes_to_the_same_alphas(tiny_parquet, tmp_path):
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
-    assert "stop requested: checkpoint saved" in output
+    # the stop finishes the update in progress and saves it, or (right after a checkpoint) ends with nothing to lose
+    assert "stop requested: checkpoint saved" in output or "stop requested: nothing new since the checkpoint" in output
     assert not (interrupted / "genotype.json").exists()  # it stopped before the end
     steps = sorted(int(p.name.split("-")[1]) for p in (interrupted / "checkpoints").glob("step-*"))
     assert steps and steps[-1] < 12

@@ -303,7 +303,8 @@ class StreamLoader:
         state = self.state
         loader = torch.utils.data.DataLoader(self.dataset(), batch_size=self.batch_size,
                                              num_workers=self.num_workers, collate_fn=collate_views,
-                                             pin_memory=self.pin_memory, drop_last=False)
+                                             pin_memory=self.pin_memory, drop_last=False,
+                                             generator=torch.Generator().manual_seed(self.seed))
         batches = iter(loader)
         try:
             for batch in batches:
