@@ -36,9 +36,11 @@ from accelerate import Accelerator
 from .errors import DamagedCheckpointError, OutputDirError
 from .fileio import CURRENT_LINK, VERSION_PREFIX, atomic_write_json, clean_model_leftovers, is_published_link
 from .folders import (
-    CHECKPOINT_DIR, CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, CONFIG_FILE, RUN_FILES, RUN_RECORD_FILE, TRAINER_STATE_FILE,
-    FolderKind, checkpoint_step, inspect_path, read_trainer_state, require_checkpoint, survey_checkpoints,
+    CHECKPOINT_DIR, CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, CONFIG_FILE, RUN_FILES, RUN_LOCK_FILES, RUN_RECORD_FILE,
+    TRAINER_STATE_FILE, FolderKind, checkpoint_step, inspect_path, read_trainer_state, require_checkpoint,
+    survey_checkpoints,
 )
+from .run_lock import check_output_path
 
 STAGING_PREFIX = ".staging-"
 # Arguments whose growth extends a finished run (the schedule is recomputed over the new length).
@@ -254,9 +256,9 @@ def _ours(out: Path, name: str) -> bool:
 
 
 def _partition(out: Path) -> tuple[list[Path], list[str]]:
-    """(paths our runs write, names of the other entries) at the top of ``out``."""
+    """(paths our runs write, names of the other entries) at the top of ``out``; the run lock is neither."""
     ours, others = [], []
-    for name in sorted(os.listdir(out)):
+    for name in sorted(set(os.listdir(out)) - RUN_LOCK_FILES):
         (ours.append(out / name) if _ours(out, name) else others.append(name))
     return ours, others
 
@@ -270,16 +272,6 @@ def _show(value: Any) -> str:
 def _changes(saved: Mapping, current: Mapping, keys, defaults: Mapping) -> list[str]:
     return [f"{k}: {_show(saved.get(k, defaults.get(k)))} -> {_show(current.get(k, defaults.get(k)))}"
             for k in sorted(keys) if saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k))]
-
-
-def _check_parents(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"--output_dir {str(out)!r} is a file: pass a folder (a new path, or a run folder)")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputDirError(f"--output_dir {str(out)!r} cannot be created: {str(parent)!r} is a file")
-            return
 
 
 def _read_record(out: Path) -> dict | None:
@@ -316,11 +308,11 @@ def decide_output_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any]
             f"checkpoints a resume continues from. Pass --resume_from_checkpoint {resume} alone to continue the run "
             f"in {str(out)!r}, or --overwrite_output_dir alone to start it again from step 0"
         )
-    _check_parents(out)
+    check_output_path(out)
     latest = resume is not None and str(resume) == "latest"
     explicit = require_checkpoint(resume).path if resume is not None and not latest else None
     plan = dict(output_dir=out, identity=identity)
-    entries = [n for n in os.listdir(out)] if out.is_dir() else []
+    entries = sorted(set(os.listdir(out)) - RUN_LOCK_FILES) if out.is_dir() else []
     ours, others = _partition(out) if entries else ([], [])
     record = _read_record(out) if entries else None
     if explicit is not None and explicit.parent.resolve() != (out / CHECKPOINT_DIR).resolve():

@@ -32,6 +32,7 @@ from .fileio import atomic_write_json, read_json, staged_files
 from .folders import require_model
 from .processing import image_processor_for_splits
 from .optimization import build_cosine_schedule, build_optimizer
+from .run_lock import releases_output_dir
 from .trainer import (
     StepLoop, check_finite, mean_over_ranks, prepare_model_layout, start_run, start_tracking,
 )
@@ -120,6 +121,7 @@ def classification_step(model, batches: list[dict], optimizer, scheduler, accele
     return outputs
 
 
+@releases_output_dir
 def run_finetune(command: FinetuneCommand) -> Path:
     """Fine-tune ``--model_name_or_path`` on the labelled data; the classifier folder is ``--output_dir``."""
     from .data import make_loader, view_dataset_for

@@ -29,6 +29,11 @@ RUN_RECORD_FILE = "run_args.json"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# The lock a running run holds on its output folder and the file saying who holds it (nasiam_hf.run_lock): neither
+# is a file of the run's results (never pushed, deleted or counted as another tool's file).
+RUN_LOCK_FILE = ".nasiam-run.lock"
+RUN_HOLDER_FILE = ".nasiam-run.holder.json"
+RUN_LOCK_FILES = frozenset({RUN_LOCK_FILE, RUN_HOLDER_FILE})
 # History files name the kind of run that wrote them.
 HISTORY_FILES = {
     "search_history.json": "search",
@@ -418,6 +423,9 @@ def require_model_output(path: str | os.PathLike, flag: str = "OUTPUT") -> Folde
 __all__ = [
     "CHECKPOINT_DIR",
     "CHECKPOINT_MANIFEST",
+    "RUN_HOLDER_FILE",
+    "RUN_LOCK_FILE",
+    "RUN_LOCK_FILES",
     "RUN_RECORD_FILE",
     "TRAINER_STATE_FILE",
     "FolderInfo",

@@ -17,6 +17,7 @@ from .modeling_nasiam import NASiamForPreTraining
 from .optimization import build_cosine_schedule, build_sgd, momentum_for_step, predictor_param_groups, weight_step
 from .plans import PretrainPlan, check_pretrain_flags, plan_pretrain
 from .feeds import num_samples, view_feed
+from .run_lock import releases_output_dir
 from .trainer import (
     DeviceSums, StepLoop, bad_image_count, check_finite, describe_backbone_of, describe_count, due,
     initialise_backbone, mean_over_ranks, prepare_model_layout, report_bad_images, restore_positions, start_run,
@@ -45,6 +46,7 @@ class CollapseWatch:
         return False
 
 
+@releases_output_dir
 def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
     """The whole pretraining: data, model, updates, kNN monitor, checkpoints, the saved model folder.
 

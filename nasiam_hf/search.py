@@ -31,6 +31,7 @@ from .search_methods import (
 )
 from .checkpoints import Checkpointer
 from .feeds import cycle_batches, num_samples, view_feed
+from .run_lock import releases_output_dir
 from .trainer import (
     DeviceSums, StepLoop, bad_image_count, check_finite, describe_backbone_of, describe_count, initialise_backbone,
     mean_over_ranks, prepare_model_layout, report_bad_images, restore_positions, start_run, start_tracking,
@@ -145,6 +146,7 @@ def write_search_outputs(model: NASiamForArchitectureSearch, history: dict, outp
     return config
 
 
+@releases_output_dir
 def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     """The whole search: data halves, supernet, interleaved alpha/weight updates, checkpoints, outputs.
 
