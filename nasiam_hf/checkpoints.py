@@ -36,8 +36,8 @@ from accelerate import Accelerator
 from .errors import DamagedCheckpointError, OutputDirError
 from .fileio import CURRENT_LINK, VERSION_PREFIX, atomic_write_json, clean_model_leftovers, is_published_link
 from .folders import (
-    CHECKPOINT_DIR, CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, CONFIG_FILE, RUN_FILES, RUN_LOCK_FILES, RUN_RECORD_FILE,
-    TRAINER_STATE_FILE, FolderKind, checkpoint_step, inspect_path, read_trainer_state, require_checkpoint,
+    CHECKPOINT_DIR, CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, CONFIG_FILE, DATA_LISTING_FILE, RUN_FILES, RUN_LOCK_FILES,
+    RUN_RECORD_FILE, TRAINER_STATE_FILE, FolderKind, checkpoint_step, inspect_path, read_trainer_state, require_checkpoint,
     survey_checkpoints,
 )
 from .run_lock import check_output_path
@@ -56,6 +56,7 @@ MODEL_FILES = frozenset({
 # Tracker folders: runs/ (where the engines point Accelerate's trackers), and the per-project folders of older runs.
 TRACKER_DIRS = frozenset({"runs", "nasiam-search", "nasiam-pretrain", "nasiam-finetune", "nasiam-linear-eval"})
 IGNORED_KEYS = frozenset({"output_dir", "resume_from_checkpoint", "overwrite_output_dir"})
+DATA_KEY = "data_fingerprint"  # the identity key of the run's data (nasiam_hf.data.fingerprint)
 _SECRET = re.compile(r"token|password|secret", re.IGNORECASE)
 
 
@@ -220,6 +221,7 @@ class OutputPlan:
     delete: tuple[Path, ...] = ()
     kept: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    data_listing: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def message(self) -> str:
@@ -243,8 +245,11 @@ class OutputPlan:
                 shutil.rmtree(stale, ignore_errors=True)
 
     def write_record(self) -> None:
-        """Main process only: record the run's identity (``run_args.json``), which later runs are compared to."""
+        """Main process only: record the run's identity (``run_args.json``), which later runs are compared to, and the
+        listing of its data files (``data_files.json``) that names what changed."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.data_listing:
+            atomic_write_json(self.output_dir / DATA_LISTING_FILE, self.data_listing)
         atomic_write_json(self.output_dir / RUN_RECORD_FILE, self.identity)
 
 
@@ -289,19 +294,39 @@ def _read_record(out: Path) -> dict | None:
     return record
 
 
+def _data_changes(run_folder: Path, record: Mapping | None, data) -> list[str]:
+    """What changed in the run's data since the run recorded in ``run_folder`` started (``data``: the current
+    :class:`~nasiam_hf.data.fingerprint.DataFingerprint`; a record older than fingerprints is not compared)."""
+    if data is None or record is None or DATA_KEY not in record:
+        return []
+    try:
+        listing = json.loads((run_folder / DATA_LISTING_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        listing = None
+    return data.changes_since(record[DATA_KEY], listing)
+
+
+def _described(changed: list[str], data_changed: list[str]) -> str:
+    return "; ".join(filter(None, [", ".join(changed), *data_changed]))
+
+
 def decide_output_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any], *, mutable_keys,
                       resume: str | os.PathLike | None = None, overwrite: bool = False,
-                      defaults: Mapping[str, Any] | None = None) -> OutputPlan:
+                      defaults: Mapping[str, Any] | None = None, data=None) -> OutputPlan:
     """Decide what the run does with ``output_dir`` (read-only; raises :class:`OutputDirError` on a refusal).
 
     ``identity``: the run's argument values (JSON-able after ``str`` of paths); ``mutable_keys``: those that may
     differ from the recorded run on a resume (runtime flags, and ``num_train_epochs`` / ``max_train_steps``, which
     extend it); ``defaults``: the value of a key missing from an older record (flags added since). ``resume``: the
     ``--resume_from_checkpoint`` value ("latest" or a checkpoint path), ``overwrite``: ``--overwrite_output_dir``.
+    ``data``: the fingerprint of the run's data (:func:`~nasiam_hf.data.fingerprint.fingerprint_data`), recorded
+    under ``data_fingerprint``; resuming over changed data is refused, naming what changed.
     """
     out = Path(output_dir)
     identity, defaults = run_identity(identity), _jsonable(defaults or {})
     fixed = set(identity) - set(mutable_keys)
+    if data is not None:
+        identity[DATA_KEY] = _jsonable(data.summary)
     if overwrite and resume is not None:
         raise OutputDirError(
             "--overwrite_output_dir and --resume_from_checkpoint contradict each other: overwriting deletes the "
@@ -311,12 +336,12 @@ def decide_output_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any]
     check_output_path(out)
     latest = resume is not None and str(resume) == "latest"
     explicit = require_checkpoint(resume).path if resume is not None and not latest else None
-    plan = dict(output_dir=out, identity=identity)
+    plan = dict(output_dir=out, identity=identity, data_listing=data.listing if data is not None else {})
     entries = sorted(set(os.listdir(out)) - RUN_LOCK_FILES) if out.is_dir() else []
     ours, others = _partition(out) if entries else ([], [])
     record = _read_record(out) if entries else None
     if explicit is not None and explicit.parent.resolve() != (out / CHECKPOINT_DIR).resolve():
-        return _resume_elsewhere(out, explicit, identity, fixed, defaults, record, ours, others)
+        return _resume_elsewhere(out, explicit, identity, fixed, defaults, record, ours, others, data)
     visible = [n for n in entries if not n.startswith(".")]
     if not visible:
         note = (f"--resume_from_checkpoint latest: {out} holds no checkpoint yet; starting from step 0" if latest
@@ -338,18 +363,20 @@ def decide_output_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any]
     held = ", ".join(filter(None, (f"checkpoints up to step {checkpoint_step(intact[-1])}" if intact else "",
                                    "a saved model" if has_model else "")))
     changed = _changes(record, identity, fixed, defaults)
-    if changed and resume is None:
+    data_changed = _data_changes(out, record, data)
+    if (changed or data_changed) and resume is None:
         raise OutputDirError(
-            f"output_dir {str(out)!r} already holds a different run ({', '.join(changed)}; it has {held}). Pass "
+            f"output_dir {str(out)!r} already holds a different run ({_described(changed, data_changed)}; it has "
+            f"{held}). Pass "
             "--overwrite_output_dir to replace it (deletes its checkpoints, run files and model, keeps other files), "
             "or choose another --output_dir"
         )
-    if changed:
+    if changed or data_changed:
         raise OutputDirError(
-            f"cannot resume the run in {str(out)!r}: {', '.join(changed)}, and these may not change on resume "
-            f"(only {', '.join(sorted(set(mutable_keys) & set(identity))) or 'runtime flags'} may). Resume with the "
-            "original values, pass --overwrite_output_dir (without --resume_from_checkpoint) to start a new run "
-            "there, or choose another --output_dir"
+            f"cannot resume the run in {str(out)!r}: {_described(changed, data_changed)}, and these may not change "
+            f"on resume (only {', '.join(sorted(set(mutable_keys) & set(identity))) or 'runtime flags'} may). Resume "
+            f"with the original values{' and data' if data_changed else ''}, pass --overwrite_output_dir (without "
+            "--resume_from_checkpoint) to start a new run there, or choose another --output_dir"
         )
     if resume is None:
         raise OutputDirError(
@@ -384,19 +411,22 @@ def _resume_here(out, explicit, intact, record, identity, mutable_keys, defaults
     return OutputPlan(action="resume", resume_from=start, kept=tuple(others), notes=tuple(notes), **plan)
 
 
-def _resume_elsewhere(out, checkpoint, identity, fixed, defaults, record, ours, others) -> OutputPlan:
+def _resume_elsewhere(out, checkpoint, identity, fixed, defaults, record, ours, others, data) -> OutputPlan:
     """A checkpoint outside ``output_dir``: its own run must match, and ``output_dir`` must be free."""
-    source = _read_record(checkpoint.parent.parent) if checkpoint.parent.name == CHECKPOINT_DIR else None
+    run = checkpoint.parent.parent
+    source = _read_record(run) if checkpoint.parent.name == CHECKPOINT_DIR else None
     changed = _changes(source, identity, fixed, defaults) if source is not None else []
-    if changed:
-        raise OutputDirError(f"cannot resume from {str(checkpoint)!r}: its run had {', '.join(changed)}, and these "
-                             "may not change on resume")
+    data_changed = _data_changes(run, source, data)
+    if changed or data_changed:
+        raise OutputDirError(f"cannot resume from {str(checkpoint)!r}: its run had {_described(changed, data_changed)}"
+                             ", and these may not change on resume")
     if record is not None or [p for p in ours if p.name != RUN_RECORD_FILE] or others:
         info = inspect_path(out)
         raise OutputDirError(f"--output_dir {str(out)!r} already holds {info.what}: resume from {checkpoint} into a "
                              "new or empty --output_dir")
     return OutputPlan(output_dir=out, action="resume", identity=identity, resume_from=checkpoint,
-                      notes=(f"output_dir {out}: continuing the run of {checkpoint} there",))
+                      notes=(f"output_dir {out}: continuing the run of {checkpoint} there",),
+                      data_listing=data.listing if data is not None else {})
 
 
 def _foreign(out: Path, ours: list[Path], others: list[str], overwrite: bool, plan: dict) -> OutputPlan:
@@ -420,11 +450,18 @@ def _overwrite(out: Path, ours: list[Path], others: list[str], plan: dict) -> Ou
 
 def guard_output_dir(accelerator: Accelerator, output_dir: str | os.PathLike, identity: Mapping[str, Any], *,
                      mutable_keys, resume: str | os.PathLike | None = None, overwrite: bool = False,
-                     defaults: Mapping[str, Any] | None = None) -> OutputPlan:
+                     defaults: Mapping[str, Any] | None = None, data=None) -> OutputPlan:
     """:func:`decide_output_dir` on every process (they all read the folder before anyone changes it), print the
-    decision on the main process, apply it there, and wait for everyone. Returns the plan (``.resume_from``)."""
+    decision on the main process, apply it there, and wait for everyone. ``data``: a function giving the data's
+    fingerprint, called on the main process only (a large folder is listed once) and sent to the others. Returns
+    the plan (``.resume_from``)."""
+    fingerprint = data() if data is not None and accelerator.is_main_process else None
+    if data is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        fingerprint = broadcast_object_list([fingerprint])[0]
     plan = decide_output_dir(output_dir, identity, mutable_keys=mutable_keys, resume=resume, overwrite=overwrite,
-                             defaults=defaults)
+                             defaults=defaults, data=fingerprint)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.print(plan.message)

@@ -26,6 +26,7 @@ CHECKPOINT_PREFIX = "step-"
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINT_MANIFEST = "checkpoint_files.json"
 RUN_RECORD_FILE = "run_args.json"
+DATA_LISTING_FILE = "data_files.json"  # beside the record: the files of the run's data, to name what changed
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -41,7 +42,7 @@ HISTORY_FILES = {
     "finetune_history.json": "fine-tuning",
     "linear_probe_history.json": "linear evaluation",
 }
-RUN_FILES = frozenset({RUN_RECORD_FILE, "training_args.json", "eval_results.json", *HISTORY_FILES})
+RUN_FILES = frozenset({RUN_RECORD_FILE, DATA_LISTING_FILE, "training_args.json", "eval_results.json", *HISTORY_FILES})
 # The class a checkpoint's config.json names (``architectures``) gives the kind of run too.
 RUN_OF_ARCHITECTURE = {
     "NASiamForArchitectureSearch": "search",
@@ -423,6 +424,7 @@ def require_model_output(path: str | os.PathLike, flag: str = "OUTPUT") -> Folde
 __all__ = [
     "CHECKPOINT_DIR",
     "CHECKPOINT_MANIFEST",
+    "DATA_LISTING_FILE",
     "RUN_HOLDER_FILE",
     "RUN_LOCK_FILE",
     "RUN_LOCK_FILES",

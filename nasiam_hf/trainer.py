@@ -93,11 +93,14 @@ def start_run(command: Command, *, with_eval: bool = True, require_labels: bool 
 def guard_output(command: Command, accelerator: Accelerator) -> OutputPlan:
     """Decide (and print) what ``command`` does with its ``--output_dir``: the rules of
     :func:`nasiam_hf.checkpoints.decide_output_dir`, with the identity and the keys that may change on resume
-    given by the arguments' ``resume`` rules (:mod:`nasiam_hf.arguments`)."""
+    given by the arguments' ``resume`` rules (:mod:`nasiam_hf.arguments`) and the fingerprint of its data."""
+    from .data.fingerprint import fingerprint_data
+
     values, free, extend = command.identity()
     run = command.run
     return guard_output_dir(accelerator, run.output_dir, values, mutable_keys=free | extend,
-                            resume=run.resume_from_checkpoint, overwrite=run.overwrite_output_dir)
+                            resume=run.resume_from_checkpoint, overwrite=run.overwrite_output_dir,
+                            data=lambda: fingerprint_data(command.data))
 
 
 def initialise_backbone(model: torch.nn.Module, weights: str | None, splits, data, accelerator: Accelerator,
