@@ -33,11 +33,15 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from .errors import DamagedCheckpointError, OutputDirError
+from .checkpoint_health import (
+    HEALTH_KEY, GoodCheckpoint, describe_last_good, file_crc32, last_good, require_usable_checkpoint,
+    usable_checkpoint, weights_health,
+)
+from .errors import DamagedCheckpointError, OutputDirError, without_unsafe_advice
 from .fileio import CURRENT_LINK, VERSION_PREFIX, atomic_write_json, clean_model_leftovers, is_published_link
 from .folders import (
     CHECKPOINT_DIR, CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, CONFIG_FILE, DATA_LISTING_FILE, RUN_FILES, RUN_LOCK_FILES,
-    RUN_RECORD_FILE, TRAINER_STATE_FILE, FolderKind, checkpoint_step, inspect_path, read_trainer_state, require_checkpoint,
+    RUN_RECORD_FILE, TRAINER_STATE_FILE, FolderKind, checkpoint_step, inspect_path, read_trainer_state,
     survey_checkpoints,
 )
 from .run_lock import check_output_path
@@ -108,20 +112,27 @@ class Checkpointer:
         return survey_checkpoints(self.root)[0]
 
     def resolve(self, spec: str | os.PathLike | None) -> Path | None:
-        """``None`` -> no resume; ``"latest"`` -> the newest intact checkpoint (damaged newer ones are skipped with a
-        printed reason; None when there is none); anything else must be an intact checkpoint
+        """``None`` -> no resume; ``"latest"`` -> the newest usable checkpoint (every part read: newer damaged ones
+        are skipped with a printed reason; None when there is none); anything else must be a usable checkpoint
         (:class:`DamagedCheckpointError` / ``FolderKindError`` otherwise)."""
         if spec is None:
             return None
         if str(spec) != "latest":
-            return require_checkpoint(spec).path
-        intact, damaged = survey_checkpoints(self.root)
-        newest = intact[-1] if intact else None
-        for path, why in damaged:
-            if newest is None or checkpoint_step(path) > checkpoint_step(newest):
-                self.accelerator.print(f"--resume_from_checkpoint latest: skipping the damaged checkpoint {path} "
-                                       f"({why})")
+            return require_usable_checkpoint(spec)
+        newest, skipped = usable_checkpoint(self.root)
+        for path, why in skipped:
+            self.accelerator.print(f"--resume_from_checkpoint latest: skipping the damaged checkpoint {path} ({why})")
         return newest
+
+    def last_good(self) -> GoodCheckpoint | None:
+        """The newest checkpoint whose weights are finite and sane and whose loss was finite, or None
+        (:func:`nasiam_hf.checkpoint_health.last_good`)."""
+        return last_good(self.root)
+
+    def describe_last_good(self) -> str:
+        """For a stop message: "the last good checkpoint is ..." or "no checkpoint is known good (...): restart
+        with ..." (:func:`nasiam_hf.checkpoint_health.describe_last_good`)."""
+        return describe_last_good(self.root)
 
     def _write_model_files(self, folder: Path) -> None:
         if self.model is not None:
@@ -131,8 +142,9 @@ class Checkpointer:
         if self.image_processor is not None:
             self.image_processor.save_pretrained(folder)
 
-    def save(self, global_step: int, state: dict) -> Path:
-        """Every rank must call this (Accelerate saves per-rank RNG states); the main process publishes the folder."""
+    def save(self, global_step: int, state: dict, loss: float | None = None) -> Path:
+        """Every rank must call this (Accelerate saves per-rank RNG states); the main process publishes the folder.
+        ``loss``: the last update's loss, recorded with the weights' health (:meth:`last_good` reads both)."""
         acc = self.accelerator
         final = self.root / f"{CHECKPOINT_PREFIX}{global_step:08d}"
         staging = self.root / f"{STAGING_PREFIX}{final.name}"
@@ -147,10 +159,11 @@ class Checkpointer:
                 self.before_first_save()
                 self.before_first_save = None
             self._write_model_files(staging)
-            atomic_write_json(staging / TRAINER_STATE_FILE, state)
-            sizes = {p.name: p.stat().st_size for p in sorted(staging.iterdir())
-                     if p.is_file() and p.name != TRAINER_STATE_FILE}  # that one is checked by reading it
-            atomic_write_json(staging / CHECKPOINT_MANIFEST, {"files": sizes})
+            health = {HEALTH_KEY: weights_health(self.model, loss)} if self.model is not None else {}
+            atomic_write_json(staging / TRAINER_STATE_FILE, {**state, **health})
+            parts = [p for p in sorted(staging.iterdir()) if p.is_file() and p.name != TRAINER_STATE_FILE]
+            atomic_write_json(staging / CHECKPOINT_MANIFEST, {  # trainer_state.json is checked by reading it
+                "files": {p.name: p.stat().st_size for p in parts}, "crc32": {p.name: file_crc32(p) for p in parts}})
             aside = self.root / f"{STAGING_PREFIX}old-{final.name}"
             if final.exists():
                 shutil.rmtree(aside, ignore_errors=True)
@@ -173,9 +186,11 @@ class Checkpointer:
         path = Path(path)
         try:
             self.accelerator.load_state(str(path))
-            return read_trainer_state(path)
+            state = read_trainer_state(path)
+            state.pop(HEALTH_KEY, None)  # a record of that save, not part of the run's state
+            return state
         except Exception as error:  # noqa: BLE001 - a failed load always means "this checkpoint does not fit"
-            detail = " ".join(str(error).split())[:300]
+            detail = without_unsafe_advice(" ".join(str(error).split()))[:300]
             raise DamagedCheckpointError(
                 f"checkpoint {str(path)!r} cannot be loaded ({type(error).__name__}: {detail}): it is damaged, or was "
                 "written by a run with other model arguments; pick another one or start without "
@@ -335,7 +350,7 @@ def decide_output_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any]
         )
     check_output_path(out)
     latest = resume is not None and str(resume) == "latest"
-    explicit = require_checkpoint(resume).path if resume is not None and not latest else None
+    explicit = require_usable_checkpoint(resume) if resume is not None and not latest else None
     plan = dict(output_dir=out, identity=identity, data_listing=data.listing if data is not None else {})
     entries = sorted(set(os.listdir(out)) - RUN_LOCK_FILES) if out.is_dir() else []
     ours, others = _partition(out) if entries else ([], [])
@@ -390,13 +405,12 @@ def decide_output_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any]
 def _resume_here(out, explicit, intact, record, identity, mutable_keys, defaults, has_model, others, plan
                  ) -> OutputPlan:
     notes = []
-    start = explicit or (intact[-1] if intact else None)
+    start = explicit
     if explicit is None:
-        for path, why in survey_checkpoints(out / CHECKPOINT_DIR)[1]:
-            if start is None or checkpoint_step(path) > checkpoint_step(start):
-                notes.append(f"--resume_from_checkpoint latest: skipping the damaged checkpoint {path} ({why})")
+        start, skipped = usable_checkpoint(out / CHECKPOINT_DIR)
+        notes += [f"--resume_from_checkpoint latest: skipping the damaged checkpoint {p} ({why})" for p, why in skipped]
     if start is None:
-        notes.append(f"--resume_from_checkpoint latest: no intact checkpoint in {out / CHECKPOINT_DIR}; starting "
+        notes.append(f"--resume_from_checkpoint latest: no usable checkpoint in {out / CHECKPOINT_DIR}; starting "
                      "from step 0" + ("; the model there is replaced when this run ends" if has_model else ""))
     else:
         state = read_trainer_state(start)

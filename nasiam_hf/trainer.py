@@ -240,11 +240,9 @@ def start_tracking(accelerator: Accelerator, command: Command, project: str) -> 
 
 def check_finite(loss: torch.Tensor, where: str, checkpointer: Checkpointer) -> None:
     if not math.isfinite(float(loss.detach())):
-        last = checkpointer.checkpoints()
-        keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint had been written yet"
         raise NonFiniteLossError(
-            f"the loss became {float(loss.detach())} at {where}; stopping ({keep}). Try a lower --learning_rate, "
-            "--mixed_precision no, or a different --seed."
+            f"the loss became {float(loss.detach())} at {where}; stopping ({checkpointer.describe_last_good()}). Try "
+            "a lower --learning_rate, --mixed_precision no, or a different --seed."
         )
 
 
