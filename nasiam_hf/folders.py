@@ -380,7 +380,12 @@ def require_model(path: str | os.PathLike, flag: str = "--model_name_or_path", p
     if info.kind is FolderKind.MODEL:
         return info
     if info.kind is FolderKind.MISSING and allow_hub_id and looks_like_hub_id(str(path)):
-        return info  # a Hub repository: the loader fetches it (or says it is not cached)
+        from .network import not_local_nor_cached
+
+        problem = not_local_nor_cached(str(path), flag)
+        if problem:
+            raise FolderKindError(problem)
+        return info  # a Hub repository: the loader fetches it (or says it is not on the Hub)
     _refuse(info, flag, f"a NASiam model folder for {purpose}", "model")
 
 
