@@ -154,14 +154,14 @@ def resolve_data_files(spec: str, role: str) -> DataFiles:
 def _webdataset_rows(shards: list[str], names: list[str], image_key: str | None, label_key: str | None, where: str,
                      on_bad_image: str = "error"):
     """Rows of map-style webdataset loading: the encoded image (named ``shard/key.ext``) and the label. A sample
-    without the image member is an error naming the shard, the sample and its keys (``--on_bad_image skip``: an
-    empty image, skipped and counted when it is met)."""
+    without the image member is an error naming the shard, the sample and its keys (``--on_bad_image skip``: a row
+    without bytes, skipped and counted when it is met)."""
     for path, shard in zip(shards, names):
         for key, members in iter_tar_samples(path, shard):
             if image_key in members:
                 image = {"bytes": members[image_key], "path": f"{shard}/{key}.{image_key}"}
-            elif on_bad_image == "skip":
-                image = {"bytes": None, "path": None}
+            elif on_bad_image == "skip":  # the missing member's name: no such file, skipped and counted when met
+                image = {"bytes": None, "path": f"{shard}/{key}.{image_key}"}
             else:
                 raise BadImageError(f"{where}: webdataset shard {shard!r}, sample {key!r} has no {image_key!r} member "
                                     f"(keys found: {sorted(members)}): rerun with --on_bad_image skip to skip it")
@@ -299,7 +299,7 @@ def _first_bad_json(path: str) -> str | None:
                 if not line.strip():
                     continue
                 try:
-                    json.loads(line)
+                    json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as error:
                     if number == 1 and line.lstrip().startswith("["):  # one JSON document, not JSON lines
                         break
