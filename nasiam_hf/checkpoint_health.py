@@ -140,7 +140,7 @@ def weights_health(model, loss: float | None = None) -> dict:
     if not floats:
         return {"weights_finite": True, "max_abs_weight": 0.0, "largest": None, "loss": loss}
     with torch.no_grad():
-        peaks = torch.stack([t.detach().abs().amax().float().cpu() for _, t in floats]).tolist()
+        peaks = torch.stack([t.detach().abs().amax().float() for _, t in floats]).cpu().tolist()  # one sync
     finite = all(math.isfinite(p) for p in peaks)
     where = max(range(len(peaks)), key=lambda i: peaks[i] if math.isfinite(peaks[i]) else math.inf)
     return {"weights_finite": finite, "max_abs_weight": peaks[where] if finite else None, "largest": floats[where][0],

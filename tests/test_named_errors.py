@@ -77,7 +77,8 @@ def _missing_image_file(tmp_path, images):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"image": [f"pictures/{i}.png" for i in range(len(images))]}), tmp_path / "paths.parquet")
+    paths = [f"pictures/{i}.png" for i in range(len(images))]
+    pq.write_table(pa.table({"image": paths}), tmp_path / "paths.parquet")
     return ["--train_file", str(tmp_path / "paths.parquet")]
 
 
