@@ -469,11 +469,20 @@ def guard_output_dir(accelerator: Accelerator, output_dir: str | os.PathLike, id
     decision on the main process, apply it there, and wait for everyone. ``data``: a function giving the data's
     fingerprint, called on the main process only (a large folder is listed once) and sent to the others. Returns
     the plan (``.resume_from``)."""
-    fingerprint = data() if data is not None and accelerator.is_main_process else None
+    fingerprint, failure = None, None
+    if data is not None and accelerator.is_main_process:
+        try:
+            fingerprint = data()
+        except Exception as error:  # noqa: BLE001 - the other ranks must not wait for a fingerprint that never comes
+            failure = error
     if data is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        fingerprint = broadcast_object_list([fingerprint])[0]
+        fingerprint, message = broadcast_object_list([fingerprint, None if failure is None else str(failure)])
+        if failure is None and message is not None:
+            raise OutputDirError(f"the data could not be fingerprinted on the main process: {message}")
+    if failure is not None:
+        raise failure
     plan = decide_output_dir(output_dir, identity, mutable_keys=mutable_keys, resume=resume, overwrite=overwrite,
                              defaults=defaults, data=fingerprint)
     accelerator.wait_for_everyone()
