@@ -156,17 +156,42 @@ def _timm_source(trunk: BackboneTrunk, spec: str, config: Any, cache_dir: str | 
                    _timm_preprocessing(cfg, f"timm pretrained_cfg of {name}"))
 
 
-def _read_safetensors(folder: Path, spec: str) -> dict[str, torch.Tensor]:
+def _load_file(path: Path, spec: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a damaged or missing file is an error naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(os.fspath(path))
+    except (SafetensorError, OSError) as error:
+        reason = " ".join(str(error).split())
+        raise BackboneWeightsError(f"backbone weights {spec!r}: {os.fspath(path)!r} cannot be read, it is not a "
+                                   f"whole safetensors file ({reason}); save or download it again") from None
+
+
+def _read_json(path: Path, spec: str) -> dict:
+    """A JSON file of a weights folder; an unreadable one is an error naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BackboneWeightsError(f"backbone weights {spec!r}: {os.fspath(path)!r} is not readable JSON "
+                                   f"({' '.join(str(error).split())})") from None
+    if not isinstance(data, dict):
+        raise BackboneWeightsError(f"backbone weights {spec!r}: {os.fspath(path)!r} is not a JSON object")
+    return data
+
+
+def _read_safetensors(folder: Path, spec: str) -> dict[str, torch.Tensor]:
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(os.fspath(single))
+        return _load_file(single, spec)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        weight_map = _read_json(index, spec).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise BackboneWeightsError(f"backbone weights {spec!r}: {os.fspath(index)!r} has no weight_map")
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(os.fspath(folder / shard)))
+        for shard in sorted(set(weight_map.values())):
+            state.update(_load_file(folder / shard, spec))
         return state
     raise BackboneWeightsError(f"backbone weights {spec!r}: the folder has no model.safetensors (only safetensors "
                                "are read, nothing is unpickled)")
@@ -176,7 +201,7 @@ def processor_preprocessing(path: Path, source: str) -> Preprocessing | None:
     """Mean/std and evaluation size from a ``preprocessor_config.json`` (transformers image processors)."""
     if not path.is_file():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = _read_json(path, source)
     if not data.get("image_mean") or not data.get("image_std"):
         return None
 
@@ -199,7 +224,7 @@ def processor_preprocessing(path: Path, source: str) -> Preprocessing | None:
 
 def _folder_source(trunk: BackboneTrunk, spec: str, folder: Path, config: Any) -> _Source:
     config_file = folder / "config.json"
-    folder_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    folder_config = _read_json(config_file, spec) if config_file.is_file() else {}
     if "architecture" in folder_config:  # a timm folder (timm's save/push_to_hub)
         cfg = dict(folder_config.get("pretrained_cfg") or {})
         return _Source(_read_safetensors(folder, spec), f"timm folder {folder} ({folder_config['architecture']})",
@@ -274,8 +299,9 @@ def check_weights_spec(spec: str, backbone: str) -> None:
 
         names = ["DEFAULT", *[w.name for w in get_model_weights(backbone)]]
         if spec not in names:
-            raise BackboneWeightsError(f"backbone weights {spec!r} are not torchvision weights of {backbone}; valid "
-                                       f"names: {names}, {LOCAL_ALTERNATIVE}")
+            raise BackboneWeightsError(f"backbone weights {spec!r} are neither a local file or folder (no such path) "
+                                       f"nor torchvision weights of {backbone}; valid names: {names}, "
+                                       f"{LOCAL_ALTERNATIVE}")
     elif kind == TIMM:
         raise BackboneWeightsError(f"backbone weights {spec!r} are not 'timm' nor a local file or folder (a timm "
                                    f"backbone takes 'timm' for timm's pretrained weights, {LOCAL_ALTERNATIVE})")
@@ -286,9 +312,7 @@ def _resolve_source(trunk: BackboneTrunk, spec: str, config: Any, cache_dir: str
     check_weights_spec(spec, config.backbone)
     path = Path(spec)
     if path.is_file():
-        from safetensors.torch import load_file
-
-        return _Source(load_file(os.fspath(path)), f"file {spec}")
+        return _Source(_load_file(path, spec), f"file {spec}")
     if path.is_dir():
         return _folder_source(trunk, spec, path, config)
     if spec == "timm":

@@ -33,12 +33,18 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from .errors import DamagedCheckpointError, OutputDirError
+from .checkpoint_health import (
+    HEALTH_KEY, GoodCheckpoint, describe_last_good, file_crc32, last_good, require_usable_checkpoint,
+    usable_checkpoint, weights_health,
+)
+from .errors import DamagedCheckpointError, OutputDirError, without_unsafe_advice
 from .fileio import CURRENT_LINK, VERSION_PREFIX, atomic_write_json, clean_model_leftovers, is_published_link
 from .folders import (
-    CHECKPOINT_DIR, CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, CONFIG_FILE, RUN_FILES, RUN_RECORD_FILE, TRAINER_STATE_FILE,
-    FolderKind, checkpoint_step, inspect_path, read_trainer_state, require_checkpoint, survey_checkpoints,
+    CHECKPOINT_DIR, CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, CONFIG_FILE, DATA_LISTING_FILE, RUN_FILES, RUN_LOCK_FILES,
+    RUN_RECORD_FILE, TRAINER_STATE_FILE, FolderKind, checkpoint_step, inspect_path, read_trainer_state,
+    survey_checkpoints,
 )
+from .run_lock import check_output_path
 
 STAGING_PREFIX = ".staging-"
 # Arguments whose growth extends a finished run (the schedule is recomputed over the new length).
@@ -54,6 +60,7 @@ MODEL_FILES = frozenset({
 # Tracker folders: runs/ (where the engines point Accelerate's trackers), and the per-project folders of older runs.
 TRACKER_DIRS = frozenset({"runs", "nasiam-search", "nasiam-pretrain", "nasiam-finetune", "nasiam-linear-eval"})
 IGNORED_KEYS = frozenset({"output_dir", "resume_from_checkpoint", "overwrite_output_dir"})
+DATA_KEY = "data_fingerprint"  # the identity key of the run's data (nasiam_hf.data.fingerprint)
 _SECRET = re.compile(r"token|password|secret", re.IGNORECASE)
 
 
@@ -105,20 +112,27 @@ class Checkpointer:
         return survey_checkpoints(self.root)[0]
 
     def resolve(self, spec: str | os.PathLike | None) -> Path | None:
-        """``None`` -> no resume; ``"latest"`` -> the newest intact checkpoint (damaged newer ones are skipped with a
-        printed reason; None when there is none); anything else must be an intact checkpoint
+        """``None`` -> no resume; ``"latest"`` -> the newest usable checkpoint (every part read: newer damaged ones
+        are skipped with a printed reason; None when there is none); anything else must be a usable checkpoint
         (:class:`DamagedCheckpointError` / ``FolderKindError`` otherwise)."""
         if spec is None:
             return None
         if str(spec) != "latest":
-            return require_checkpoint(spec).path
-        intact, damaged = survey_checkpoints(self.root)
-        newest = intact[-1] if intact else None
-        for path, why in damaged:
-            if newest is None or checkpoint_step(path) > checkpoint_step(newest):
-                self.accelerator.print(f"--resume_from_checkpoint latest: skipping the damaged checkpoint {path} "
-                                       f"({why})")
+            return require_usable_checkpoint(spec)
+        newest, skipped = usable_checkpoint(self.root)
+        for path, why in skipped:
+            self.accelerator.print(f"--resume_from_checkpoint latest: skipping the damaged checkpoint {path} ({why})")
         return newest
+
+    def last_good(self) -> GoodCheckpoint | None:
+        """The newest checkpoint whose weights are finite and sane and whose loss was finite, or None
+        (:func:`nasiam_hf.checkpoint_health.last_good`)."""
+        return last_good(self.root)
+
+    def describe_last_good(self) -> str:
+        """For a stop message: "the last good checkpoint is ..." or "no checkpoint is known good (...): restart
+        with ..." (:func:`nasiam_hf.checkpoint_health.describe_last_good`)."""
+        return describe_last_good(self.root)
 
     def _write_model_files(self, folder: Path) -> None:
         if self.model is not None:
@@ -128,8 +142,9 @@ class Checkpointer:
         if self.image_processor is not None:
             self.image_processor.save_pretrained(folder)
 
-    def save(self, global_step: int, state: dict) -> Path:
-        """Every rank must call this (Accelerate saves per-rank RNG states); the main process publishes the folder."""
+    def save(self, global_step: int, state: dict, loss: float | None = None) -> Path:
+        """Every rank must call this (Accelerate saves per-rank RNG states); the main process publishes the folder.
+        ``loss``: the last update's loss, recorded with the weights' health (:meth:`last_good` reads both)."""
         acc = self.accelerator
         final = self.root / f"{CHECKPOINT_PREFIX}{global_step:08d}"
         staging = self.root / f"{STAGING_PREFIX}{final.name}"
@@ -144,10 +159,11 @@ class Checkpointer:
                 self.before_first_save()
                 self.before_first_save = None
             self._write_model_files(staging)
-            atomic_write_json(staging / TRAINER_STATE_FILE, state)
-            sizes = {p.name: p.stat().st_size for p in sorted(staging.iterdir())
-                     if p.is_file() and p.name != TRAINER_STATE_FILE}  # that one is checked by reading it
-            atomic_write_json(staging / CHECKPOINT_MANIFEST, {"files": sizes})
+            health = {HEALTH_KEY: weights_health(self.model, loss)} if self.model is not None else {}
+            atomic_write_json(staging / TRAINER_STATE_FILE, {**state, **health})
+            parts = [p for p in sorted(staging.iterdir()) if p.is_file() and p.name != TRAINER_STATE_FILE]
+            atomic_write_json(staging / CHECKPOINT_MANIFEST, {  # trainer_state.json is checked by reading it
+                "files": {p.name: p.stat().st_size for p in parts}, "crc32": {p.name: file_crc32(p) for p in parts}})
             aside = self.root / f"{STAGING_PREFIX}old-{final.name}"
             if final.exists():
                 shutil.rmtree(aside, ignore_errors=True)
@@ -170,9 +186,11 @@ class Checkpointer:
         path = Path(path)
         try:
             self.accelerator.load_state(str(path))
-            return read_trainer_state(path)
+            state = read_trainer_state(path)
+            state.pop(HEALTH_KEY, None)  # a record of that save, not part of the run's state
+            return state
         except Exception as error:  # noqa: BLE001 - a failed load always means "this checkpoint does not fit"
-            detail = " ".join(str(error).split())[:300]
+            detail = without_unsafe_advice(" ".join(str(error).split()))[:300]
             raise DamagedCheckpointError(
                 f"checkpoint {str(path)!r} cannot be loaded ({type(error).__name__}: {detail}): it is damaged, or was "
                 "written by a run with other model arguments; pick another one or start without "
@@ -218,6 +236,7 @@ class OutputPlan:
     delete: tuple[Path, ...] = ()
     kept: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    data_listing: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def message(self) -> str:
@@ -241,8 +260,11 @@ class OutputPlan:
                 shutil.rmtree(stale, ignore_errors=True)
 
     def write_record(self) -> None:
-        """Main process only: record the run's identity (``run_args.json``), which later runs are compared to."""
+        """Main process only: record the run's identity (``run_args.json``), which later runs are compared to, and the
+        listing of its data files (``data_files.json``) that names what changed."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.data_listing:
+            atomic_write_json(self.output_dir / DATA_LISTING_FILE, self.data_listing)
         atomic_write_json(self.output_dir / RUN_RECORD_FILE, self.identity)
 
 
@@ -254,9 +276,9 @@ def _ours(out: Path, name: str) -> bool:
 
 
 def _partition(out: Path) -> tuple[list[Path], list[str]]:
-    """(paths our runs write, names of the other entries) at the top of ``out``."""
+    """(paths our runs write, names of the other entries) at the top of ``out``; the run lock is neither."""
     ours, others = [], []
-    for name in sorted(os.listdir(out)):
+    for name in sorted(set(os.listdir(out)) - RUN_LOCK_FILES):
         (ours.append(out / name) if _ours(out, name) else others.append(name))
     return ours, others
 
@@ -270,16 +292,6 @@ def _show(value: Any) -> str:
 def _changes(saved: Mapping, current: Mapping, keys, defaults: Mapping) -> list[str]:
     return [f"{k}: {_show(saved.get(k, defaults.get(k)))} -> {_show(current.get(k, defaults.get(k)))}"
             for k in sorted(keys) if saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k))]
-
-
-def _check_parents(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"--output_dir {str(out)!r} is a file: pass a folder (a new path, or a run folder)")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputDirError(f"--output_dir {str(out)!r} cannot be created: {str(parent)!r} is a file")
-            return
 
 
 def _read_record(out: Path) -> dict | None:
@@ -297,34 +309,54 @@ def _read_record(out: Path) -> dict | None:
     return record
 
 
+def _data_changes(run_folder: Path, record: Mapping | None, data) -> list[str]:
+    """What changed in the run's data since the run recorded in ``run_folder`` started (``data``: the current
+    :class:`~nasiam_hf.data.fingerprint.DataFingerprint`; a record older than fingerprints is not compared)."""
+    if data is None or record is None or DATA_KEY not in record:
+        return []
+    try:
+        listing = json.loads((run_folder / DATA_LISTING_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        listing = None
+    return data.changes_since(record[DATA_KEY], listing)
+
+
+def _described(changed: list[str], data_changed: list[str]) -> str:
+    return "; ".join(filter(None, [", ".join(changed), *data_changed]))
+
+
 def decide_output_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any], *, mutable_keys,
                       resume: str | os.PathLike | None = None, overwrite: bool = False,
-                      defaults: Mapping[str, Any] | None = None) -> OutputPlan:
+                      defaults: Mapping[str, Any] | None = None, data=None) -> OutputPlan:
     """Decide what the run does with ``output_dir`` (read-only; raises :class:`OutputDirError` on a refusal).
 
     ``identity``: the run's argument values (JSON-able after ``str`` of paths); ``mutable_keys``: those that may
     differ from the recorded run on a resume (runtime flags, and ``num_train_epochs`` / ``max_train_steps``, which
     extend it); ``defaults``: the value of a key missing from an older record (flags added since). ``resume``: the
     ``--resume_from_checkpoint`` value ("latest" or a checkpoint path), ``overwrite``: ``--overwrite_output_dir``.
+    ``data``: the fingerprint of the run's data (:func:`~nasiam_hf.data.fingerprint.fingerprint_data`), recorded
+    under ``data_fingerprint``; resuming over changed data is refused, naming what changed.
     """
     out = Path(output_dir)
     identity, defaults = run_identity(identity), _jsonable(defaults or {})
     fixed = set(identity) - set(mutable_keys)
+    if data is not None:
+        identity[DATA_KEY] = _jsonable(data.summary)
     if overwrite and resume is not None:
         raise OutputDirError(
             "--overwrite_output_dir and --resume_from_checkpoint contradict each other: overwriting deletes the "
             f"checkpoints a resume continues from. Pass --resume_from_checkpoint {resume} alone to continue the run "
             f"in {str(out)!r}, or --overwrite_output_dir alone to start it again from step 0"
         )
-    _check_parents(out)
+    check_output_path(out)
     latest = resume is not None and str(resume) == "latest"
-    explicit = require_checkpoint(resume).path if resume is not None and not latest else None
-    plan = dict(output_dir=out, identity=identity)
-    entries = [n for n in os.listdir(out)] if out.is_dir() else []
+    explicit = require_usable_checkpoint(resume) if resume is not None and not latest else None
+    plan = dict(output_dir=out, identity=identity, data_listing=data.listing if data is not None else {})
+    entries = sorted(set(os.listdir(out)) - RUN_LOCK_FILES) if out.is_dir() else []
     ours, others = _partition(out) if entries else ([], [])
     record = _read_record(out) if entries else None
     if explicit is not None and explicit.parent.resolve() != (out / CHECKPOINT_DIR).resolve():
-        return _resume_elsewhere(out, explicit, identity, fixed, defaults, record, ours, others)
+        return _resume_elsewhere(out, explicit, identity, fixed, defaults, record, ours, others, data)
     visible = [n for n in entries if not n.startswith(".")]
     if not visible:
         note = (f"--resume_from_checkpoint latest: {out} holds no checkpoint yet; starting from step 0" if latest
@@ -346,18 +378,20 @@ def decide_output_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any]
     held = ", ".join(filter(None, (f"checkpoints up to step {checkpoint_step(intact[-1])}" if intact else "",
                                    "a saved model" if has_model else "")))
     changed = _changes(record, identity, fixed, defaults)
-    if changed and resume is None:
+    data_changed = _data_changes(out, record, data)
+    if (changed or data_changed) and resume is None:
         raise OutputDirError(
-            f"output_dir {str(out)!r} already holds a different run ({', '.join(changed)}; it has {held}). Pass "
+            f"output_dir {str(out)!r} already holds a different run ({_described(changed, data_changed)}; it has "
+            f"{held}). Pass "
             "--overwrite_output_dir to replace it (deletes its checkpoints, run files and model, keeps other files), "
             "or choose another --output_dir"
         )
-    if changed:
+    if changed or data_changed:
         raise OutputDirError(
-            f"cannot resume the run in {str(out)!r}: {', '.join(changed)}, and these may not change on resume "
-            f"(only {', '.join(sorted(set(mutable_keys) & set(identity))) or 'runtime flags'} may). Resume with the "
-            "original values, pass --overwrite_output_dir (without --resume_from_checkpoint) to start a new run "
-            "there, or choose another --output_dir"
+            f"cannot resume the run in {str(out)!r}: {_described(changed, data_changed)}, and these may not change "
+            f"on resume (only {', '.join(sorted(set(mutable_keys) & set(identity))) or 'runtime flags'} may). Resume "
+            f"with the original values{' and data' if data_changed else ''}, pass --overwrite_output_dir (without "
+            "--resume_from_checkpoint) to start a new run there, or choose another --output_dir"
         )
     if resume is None:
         raise OutputDirError(
@@ -371,13 +405,12 @@ def decide_output_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any]
 def _resume_here(out, explicit, intact, record, identity, mutable_keys, defaults, has_model, others, plan
                  ) -> OutputPlan:
     notes = []
-    start = explicit or (intact[-1] if intact else None)
+    start = explicit
     if explicit is None:
-        for path, why in survey_checkpoints(out / CHECKPOINT_DIR)[1]:
-            if start is None or checkpoint_step(path) > checkpoint_step(start):
-                notes.append(f"--resume_from_checkpoint latest: skipping the damaged checkpoint {path} ({why})")
+        start, skipped = usable_checkpoint(out / CHECKPOINT_DIR)
+        notes += [f"--resume_from_checkpoint latest: skipping the damaged checkpoint {p} ({why})" for p, why in skipped]
     if start is None:
-        notes.append(f"--resume_from_checkpoint latest: no intact checkpoint in {out / CHECKPOINT_DIR}; starting "
+        notes.append(f"--resume_from_checkpoint latest: no usable checkpoint in {out / CHECKPOINT_DIR}; starting "
                      "from step 0" + ("; the model there is replaced when this run ends" if has_model else ""))
     else:
         state = read_trainer_state(start)
@@ -392,19 +425,22 @@ def _resume_here(out, explicit, intact, record, identity, mutable_keys, defaults
     return OutputPlan(action="resume", resume_from=start, kept=tuple(others), notes=tuple(notes), **plan)
 
 
-def _resume_elsewhere(out, checkpoint, identity, fixed, defaults, record, ours, others) -> OutputPlan:
+def _resume_elsewhere(out, checkpoint, identity, fixed, defaults, record, ours, others, data) -> OutputPlan:
     """A checkpoint outside ``output_dir``: its own run must match, and ``output_dir`` must be free."""
-    source = _read_record(checkpoint.parent.parent) if checkpoint.parent.name == CHECKPOINT_DIR else None
+    run = checkpoint.parent.parent
+    source = _read_record(run) if checkpoint.parent.name == CHECKPOINT_DIR else None
     changed = _changes(source, identity, fixed, defaults) if source is not None else []
-    if changed:
-        raise OutputDirError(f"cannot resume from {str(checkpoint)!r}: its run had {', '.join(changed)}, and these "
-                             "may not change on resume")
+    data_changed = _data_changes(run, source, data)
+    if changed or data_changed:
+        raise OutputDirError(f"cannot resume from {str(checkpoint)!r}: its run had {_described(changed, data_changed)}"
+                             ", and these may not change on resume")
     if record is not None or [p for p in ours if p.name != RUN_RECORD_FILE] or others:
         info = inspect_path(out)
         raise OutputDirError(f"--output_dir {str(out)!r} already holds {info.what}: resume from {checkpoint} into a "
                              "new or empty --output_dir")
     return OutputPlan(output_dir=out, action="resume", identity=identity, resume_from=checkpoint,
-                      notes=(f"output_dir {out}: continuing the run of {checkpoint} there",))
+                      notes=(f"output_dir {out}: continuing the run of {checkpoint} there",),
+                      data_listing=data.listing if data is not None else {})
 
 
 def _foreign(out: Path, ours: list[Path], others: list[str], overwrite: bool, plan: dict) -> OutputPlan:
@@ -428,11 +464,27 @@ def _overwrite(out: Path, ours: list[Path], others: list[str], plan: dict) -> Ou
 
 def guard_output_dir(accelerator: Accelerator, output_dir: str | os.PathLike, identity: Mapping[str, Any], *,
                      mutable_keys, resume: str | os.PathLike | None = None, overwrite: bool = False,
-                     defaults: Mapping[str, Any] | None = None) -> OutputPlan:
+                     defaults: Mapping[str, Any] | None = None, data=None) -> OutputPlan:
     """:func:`decide_output_dir` on every process (they all read the folder before anyone changes it), print the
-    decision on the main process, apply it there, and wait for everyone. Returns the plan (``.resume_from``)."""
+    decision on the main process, apply it there, and wait for everyone. ``data``: a function giving the data's
+    fingerprint, called on the main process only (a large folder is listed once) and sent to the others. Returns
+    the plan (``.resume_from``)."""
+    fingerprint, failure = None, None
+    if data is not None and accelerator.is_main_process:
+        try:
+            fingerprint = data()
+        except Exception as error:  # noqa: BLE001 - the other ranks must not wait for a fingerprint that never comes
+            failure = error
+    if data is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        fingerprint, message = broadcast_object_list([fingerprint, None if failure is None else str(failure)])
+        if failure is None and message is not None:
+            raise OutputDirError(f"the data could not be fingerprinted on the main process: {message}")
+    if failure is not None:
+        raise failure
     plan = decide_output_dir(output_dir, identity, mutable_keys=mutable_keys, resume=resume, overwrite=overwrite,
-                             defaults=defaults)
+                             defaults=defaults, data=fingerprint)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.print(plan.message)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import errno
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -78,12 +79,39 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+_WEIGHTS_ONLY = re.compile(r"Weights only load failed\..*?(?:WeightsUnpickler error:\s*(?P<detail>.*?))?"
+                           r"\s*(?:Check the documentation of torch\.load.*?torch\.load\.html\.?|$)", re.DOTALL)
+
+
+def without_unsafe_advice(text: str) -> str:
+    """``text`` with torch's message for a file that ``weights_only=True`` refuses reduced to what is wrong with the
+    file: its advice to load with ``weights_only=False`` (which runs whatever code the file holds) is dropped."""
+
+    def reason(match: re.Match) -> str:
+        detail = " ".join((match.group("detail") or "").split())
+        detail = re.split(r"\s*Please use `torch\.serialization", detail)[0].rstrip(". ")
+        return "not a file of tensors that loads without running pickled code" + (f" ({detail})" if detail else "")
+
+    text = _WEIGHTS_ONLY.sub(reason, text)
+    text = re.sub(r"\s*In PyTorch 2\.6, we changed the default value of the `weights_only` argument.*?trusted "
+                  r"source\.", "", text, flags=re.DOTALL)
+    text = re.sub(r"\s*Check the documentation of torch\.load.*?torch\.load\.html\.?", "", text, flags=re.DOTALL)
+    text = re.sub(r"Cannot use ``weights_only=True`` with files saved in the legacy \.tar format\.?",
+                  "a file in torch's legacy .tar format, which loads only by running pickled code", text)
+    return re.sub(r"[^.\n]*`?weights_only`?(?:=| set to )`?False[^.\n]*\.?\s*", "", text)  # any other wording of it
+
+
 def _path_of(error: OSError) -> str | None:
     return os.fspath(error.filename) if getattr(error, "filename", None) is not None else None
 
 
 def describe_error(error: BaseException) -> tuple[str, int]:
-    """The one-line message and the exit status for ``error``."""
+    """The one-line message and the exit status for ``error`` (never with torch's advice to unpickle a file)."""
+    message, code = _describe(error)
+    return without_unsafe_advice(message), code
+
+
+def _describe(error: BaseException) -> tuple[str, int]:
     from safetensors import SafetensorError
 
     if isinstance(error, KeyboardInterrupt):
@@ -158,4 +186,5 @@ __all__ = [
     "describe_error",
     "did_you_mean",
     "run_entry_point",
+    "without_unsafe_advice",
 ]

@@ -150,11 +150,17 @@ def _read_state_dict(source: Any) -> dict[str, torch.Tensor]:
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(os.fspath(path))
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(os.fspath(path))
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - damaged, truncated, or holding code: the file is unusable
+        from .errors import without_unsafe_advice
+
+        reason = without_unsafe_advice(" ".join(f"{type(error).__name__}: {error}".split()))[:300]
+        raise ValueError(f"{os.fspath(path)!r} cannot be read as a state dict ({reason})") from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
@@ -320,9 +326,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike) 
     from . import modeling_nasiam
     from .configuration_nasiam import NASiamConfig
     from .fileio import staged_files
+    from .checkpoint_health import require_usable_checkpoint
     from .folders import require_exportable_checkpoint, require_model_output
     from .processing import image_processor_for_config
 
+    require_usable_checkpoint(checkpoint, "CHECKPOINT")  # every part read: damage that keeps sizes is found too
     info = require_exportable_checkpoint(checkpoint)
     require_model_output(output)
     path, output = info.path, Path(output)

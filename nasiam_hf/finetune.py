@@ -33,6 +33,7 @@ from .folders import require_model
 from .processing import image_processor_for_splits
 from .optimization import build_cosine_schedule, build_optimizer
 from .loop import StepLoop
+from .run_lock import releases_output_dir
 from .trainer import mean_over_ranks, prepare_model_layout, start_run, start_tracking
 
 HISTORY_FILE = "finetune_history.json"
@@ -124,6 +125,7 @@ def classification_step(model, batches: list[dict], optimizer, scheduler, accele
     return outputs
 
 
+@releases_output_dir
 def run_finetune(command: FinetuneCommand) -> Path:
     """Fine-tune ``--model_name_or_path`` on the labelled data; the classifier folder is ``--output_dir``."""
     from .data import make_loader, view_dataset_for

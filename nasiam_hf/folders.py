@@ -26,9 +26,15 @@ CHECKPOINT_PREFIX = "step-"
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINT_MANIFEST = "checkpoint_files.json"
 RUN_RECORD_FILE = "run_args.json"
+DATA_LISTING_FILE = "data_files.json"  # beside the record: the files of the run's data, to name what changed
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# The lock a running run holds on its output folder and the file saying who holds it (nasiam_hf.run_lock): neither
+# is a file of the run's results (never pushed, deleted or counted as another tool's file).
+RUN_LOCK_FILE = ".nasiam-run.lock"
+RUN_HOLDER_FILE = ".nasiam-run.holder.json"
+RUN_LOCK_FILES = frozenset({RUN_LOCK_FILE, RUN_HOLDER_FILE})
 # History files name the kind of run that wrote them.
 HISTORY_FILES = {
     "search_history.json": "search",
@@ -36,7 +42,7 @@ HISTORY_FILES = {
     "finetune_history.json": "fine-tuning",
     "linear_probe_history.json": "linear evaluation",
 }
-RUN_FILES = frozenset({RUN_RECORD_FILE, "training_args.json", "eval_results.json", *HISTORY_FILES})
+RUN_FILES = frozenset({RUN_RECORD_FILE, DATA_LISTING_FILE, "training_args.json", "eval_results.json", *HISTORY_FILES})
 # The class a checkpoint's config.json names (``architectures``) gives the kind of run too.
 RUN_OF_ARCHITECTURE = {
     "NASiamForArchitectureSearch": "search",
@@ -375,7 +381,12 @@ def require_model(path: str | os.PathLike, flag: str = "--model_name_or_path", p
     if info.kind is FolderKind.MODEL:
         return info
     if info.kind is FolderKind.MISSING and allow_hub_id and looks_like_hub_id(str(path)):
-        return info  # a Hub repository: the loader fetches it (or says it is not cached)
+        from .network import not_local_nor_cached
+
+        problem = not_local_nor_cached(str(path), flag)
+        if problem:
+            raise FolderKindError(problem)
+        return info  # a Hub repository: the loader fetches it (or says it is not on the Hub)
     _refuse(info, flag, f"a NASiam model folder for {purpose}", "model")
 
 
@@ -419,6 +430,10 @@ def require_model_output(path: str | os.PathLike, flag: str = "OUTPUT") -> Folde
 __all__ = [
     "CHECKPOINT_DIR",
     "CHECKPOINT_MANIFEST",
+    "DATA_LISTING_FILE",
+    "RUN_HOLDER_FILE",
+    "RUN_LOCK_FILE",
+    "RUN_LOCK_FILES",
     "RUN_RECORD_FILE",
     "TRAINER_STATE_FILE",
     "FolderInfo",

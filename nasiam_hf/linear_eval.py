@@ -64,10 +64,10 @@ def run_linear_eval(command: LinearEvalCommand) -> dict:
                          "whole labelled set; pass the data without --streaming")
     model_path = command.model.model_name_or_path
     output_dir = Path(run.output_dir or model_path)
+    require_model(model_path, purpose="linear evaluation")
     if run.output_dir is None and not os.path.isdir(model_path):
         raise ValueError(
             f"--model_name_or_path {model_path!r} is not a local folder: pass --output_dir for the results")
-    require_model(model_path, purpose="linear evaluation")
     accelerator = make_accelerator(str(output_dir), run.seed, command.precision, command.tracking)
     model = load_for_evaluation(model_path)
     # evaluate at the resolution the model was trained at, unless told otherwise

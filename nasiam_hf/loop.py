@@ -102,11 +102,12 @@ class UpdateGuard:
     functions: :meth:`watch` each loss after its forward, :meth:`decide` once after the last forward."""
 
     def __init__(self, accelerator: Accelerator, stop: StopRequest | None = None, on_failure=None,
-                 last_good=None, stop_now=None):
+                 last_good=None, stop_now=None, describe_last_good=None):
         self.accelerator = accelerator
         self.stop = stop
         self.on_failure = on_failure  # called on every process before a failure is raised (closes the loop)
         self.last_good = last_good or (lambda: None)
+        self.describe_last_good = describe_last_good  # the stop message's clause on the checkpoint to go back to
         self.stop_now = stop_now  # ends the run at once (a stop that loses nothing)
         self.fault = Fault.from_env()
         self.begin("", 0)
@@ -184,8 +185,11 @@ class UpdateGuard:
         where = self.where + (f" ({part})" if len(self.losses) > 1 else "")
         if self.accelerator.num_processes > 1:
             where += f" on process {culprit - 1}"
-        last = self.last_good()
-        keep = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        if self.describe_last_good is not None:
+            keep = self.describe_last_good()
+        else:
+            last = self.last_good()
+            keep = f"the last checkpoint is {last}" if last else "no checkpoint had been written yet"
         return NonFiniteLossError(
             f"the loss became {value} at {where}; stopping before the update was applied ({keep}). Try a lower "
             "--learning_rate, --mixed_precision no, or a different --seed.")
@@ -284,7 +288,8 @@ class StepLoop:
         self.stop: StopRequest | None = None
         self.progress = None
         self.guard = UpdateGuard(accelerator, on_failure=self.close, last_good=self.last_good,
-                                 stop_now=self._stop_without_saving)
+                                 stop_now=self._stop_without_saving,
+                                 describe_last_good=checkpointer.describe_last_good)
 
     def last_good(self) -> Path | None:
         """The checkpoint a failure message names as the one to go back to."""

@@ -35,4 +35,23 @@ def is_connection_error(error: BaseException | None) -> bool:
     return False
 
 
-__all__ = ["CONNECTION_ERROR_NAMES", "is_connection_error", "offline_mode"]
+def not_local_nor_cached(name: str, flag: str, filename: str = "config.json", cache_dir: str | None = None
+                         ) -> str | None:
+    """For a ``name`` that is no local path and would be fetched from the Hub: why it cannot be, when offline mode is
+    on and the Hub cache does not hold it (saying both: no local path, no cached Hub repository); else None."""
+    if os.path.exists(name) or not offline_mode():
+        return None
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, filename, cache_dir=cache_dir), str)
+    except ValueError:  # not a valid repository id either
+        cached = False
+    if cached:
+        return None
+    return (f"{flag} {name!r} is not a local path (no such file or folder here), and as a Hub repository id it is not "
+            f"in the local cache ({cache_dir or constants.HF_HUB_CACHE}) while offline mode is on (HF_HUB_OFFLINE=1): "
+            "check the path, or run once with the network on to download it")
+
+
+__all__ = ["CONNECTION_ERROR_NAMES", "is_connection_error", "not_local_nor_cached", "offline_mode"]

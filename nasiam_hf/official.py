@@ -211,7 +211,16 @@ def load_official_checkpoint(
     """
     from .modeling_nasiam import NASiamModel
 
-    loaded = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    try:
+        loaded = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - damaged, truncated, or holding code: the file is unusable
+        from .errors import without_unsafe_advice
+
+        reason = without_unsafe_advice(" ".join(f"{type(error).__name__}: {error}".split()))[:300]
+        raise ValueError(f"{os.fspath(path)!r} cannot be read as a checkpoint of the official code ({reason}): it "
+                         "is damaged, or not a PyTorch checkpoint") from None
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{path} does not hold a checkpoint dict")
     state = loaded["state_dict"] if isinstance(loaded.get("state_dict"), Mapping) else loaded

@@ -18,6 +18,7 @@ from .optimization import build_cosine_schedule, build_sgd, momentum_for_step, p
 from .plans import PretrainPlan, check_pretrain_flags, plan_pretrain
 from .feeds import num_samples, view_feed
 from .loop import StepLoop, due, restore_positions
+from .run_lock import releases_output_dir
 from .trainer import (
     DeviceSums, bad_image_count, describe_backbone_of, describe_count, initialise_backbone, mean_over_ranks,
     prepare_model_layout, report_bad_images, start_run, start_tracking,
@@ -45,6 +46,7 @@ class CollapseWatch:
         return False
 
 
+@releases_output_dir
 def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
     """The whole pretraining: data, model, updates, kNN monitor, checkpoints, the saved model folder.
 

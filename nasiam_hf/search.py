@@ -31,6 +31,7 @@ from .search_methods import (
 from .checkpoints import Checkpointer
 from .feeds import cycle_batches, first_batches, num_samples, view_feed
 from .loop import StepLoop, restore_positions
+from .run_lock import releases_output_dir
 from .trainer import (
     DeviceSums, bad_image_count, describe_backbone_of, describe_count, initialise_backbone, mean_over_ranks,
     prepare_model_layout, report_bad_images, start_run, start_tracking,
@@ -148,6 +149,7 @@ def write_search_outputs(model: NASiamForArchitectureSearch, history: dict, outp
     return config
 
 
+@releases_output_dir
 def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     """The whole search: data halves, supernet, interleaved alpha/weight updates, checkpoints, outputs.
 

@@ -17,6 +17,7 @@ from .arguments import Command, PrecisionArguments, TrackingArguments
 from .checkpoints import OutputPlan, guard_output_dir
 from .errors import UsageError
 from .hub.metadata import redact_secrets
+from .run_lock import hold_output_dir
 
 
 # Accelerate engines other than DDP, by the environment variable `accelerate launch` sets from an accelerate config.
@@ -70,14 +71,17 @@ def make_accelerator(output_dir: str | None, seed: int, precision: PrecisionArgu
 
 def start_run(command: Command, *, with_eval: bool = True, require_labels: bool = False,
               image_size: int | None = None):
-    """What every training command does first, in this order: the Accelerator (and the engine check), the decision
-    about ``--output_dir`` (nothing written yet), the data (``with_eval``: load the eval split too), and its notes
-    printed once. Returns ``(accelerator, output plan, splits)``."""
+    """What every training command does first, in this order: the Accelerator (and the engine check), the lock on
+    ``--output_dir`` (one run per folder, held until the run function decorated with
+    :func:`~nasiam_hf.run_lock.releases_output_dir` ends), the decision about the folder (nothing written yet), the
+    data (``with_eval``: load the eval split too), and its notes printed once. Returns ``(accelerator, output plan,
+    splits)``."""
     from .data import load_splits
 
     run = command.run
     accelerator = make_accelerator(run.output_dir, run.seed, command.precision, command.tracking,
                                    command.optimization.gradient_accumulation_steps)
+    hold_output_dir(accelerator, run.output_dir, command.name, run.overwrite_output_dir)
     output = guard_output(command, accelerator)
     splits = load_splits(command.data, run.seed, with_eval=with_eval, require_labels=require_labels,
                          image_size=image_size)
@@ -89,11 +93,14 @@ def start_run(command: Command, *, with_eval: bool = True, require_labels: bool 
 def guard_output(command: Command, accelerator: Accelerator) -> OutputPlan:
     """Decide (and print) what ``command`` does with its ``--output_dir``: the rules of
     :func:`nasiam_hf.checkpoints.decide_output_dir`, with the identity and the keys that may change on resume
-    given by the arguments' ``resume`` rules (:mod:`nasiam_hf.arguments`)."""
+    given by the arguments' ``resume`` rules (:mod:`nasiam_hf.arguments`) and the fingerprint of its data."""
+    from .data.fingerprint import fingerprint_data
+
     values, free, extend = command.identity()
     run = command.run
     return guard_output_dir(accelerator, run.output_dir, values, mutable_keys=free | extend,
-                            resume=run.resume_from_checkpoint, overwrite=run.overwrite_output_dir)
+                            resume=run.resume_from_checkpoint, overwrite=run.overwrite_output_dir,
+                            data=lambda: fingerprint_data(command.data))
 
 
 def initialise_backbone(model: torch.nn.Module, weights: str | None, splits, data, accelerator: Accelerator,

@@ -13,7 +13,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10"
 
 
 @pytest.fixture(autouse=True)
@@ -21,13 +20,15 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def cifar_subset():
-    """Paths of the shared CIFAR-10 subset (10k train / 2k test parquet), skipping when it is absent."""
-    train, test = SHARED_DATA / "train.parquet", SHARED_DATA / "test.parquet"
-    if not train.exists():
-        pytest.skip(f"shared CIFAR-10 subset not found at {SHARED_DATA}")
-    return train, test
+@pytest.fixture(scope="session")
+def cifar_subset(tmp_path_factory):
+    """(train, test) parquet files shaped like the CIFAR-10 subset (class-ordered rows, CIFAR-10's class names),
+    generated: 200 and 40 images of 32x32 pixels."""
+    from image_data import write_cifar_like_parquet
+
+    folder = tmp_path_factory.mktemp("cifar-like")
+    return (write_cifar_like_parquet(folder / "train.parquet", 200, "train"),
+            write_cifar_like_parquet(folder / "test.parquet", 40, "test"))
 
 
 def write_image_parquet(path, num_images: int, size: int = 16, num_classes: int = 4, seed: int = 0):

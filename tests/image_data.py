@@ -1,5 +1,6 @@
-"""Data made on the fly from the shared CIFAR-10 subset for the end-to-end data tests: folders of images in mixed
-modes, parquet files with or without labels, parquet shards and webdataset shards. Real files, real images."""
+"""Data made on the fly for the end-to-end data tests: CIFAR-10-like images generated from a seed, folders of images
+in mixed modes, parquet files with or without labels, parquet shards and webdataset shards. Real files, real
+images; nothing is read from outside the repository, so a fresh clone runs every test."""
 
 from __future__ import annotations
 
@@ -8,27 +9,42 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
-
-from conftest import SHARED_DATA
 
 # (mode, extension) cycled over the images of a folder: JPEG holds RGB, L and CMYK; RGBA, P and 16-bit grey need PNG.
 FOLDER_FORMATS = (("RGB", "jpg"), ("L", "JPEG"), ("RGBA", "png"), ("P", "png"), ("I;16", "png"), ("CMYK", "jpeg"))
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_SPLITS = {"train": 0, "test": 1}
 
 
 def cifar_images(count: int, split: str = "train", seed: int = 0) -> tuple[list[Image.Image], list[int]]:
-    """``count`` seeded-random (the files are class-ordered) RGB images of the shared subset and their labels."""
-    import pyarrow.parquet as pq
+    """``count`` CIFAR-10-like images (32x32 RGB, 10 classes) and their labels, generated from ``(split, seed)``:
+    each class has its own colour and a bright square at its own corner, with per-image noise and shift, so that a
+    little training separates the classes; labels are in a seeded random order (not class-ordered)."""
+    rng = np.random.default_rng([seed, _SPLITS.get(split, 2), 20])
+    labels = rng.integers(0, len(CIFAR10_CLASSES), size=count).tolist()
+    palette = np.random.default_rng(7).integers(30, 225, size=(len(CIFAR10_CLASSES), 3))
+    images = []
+    for label in labels:
+        pixels = palette[label] + rng.normal(0, 30, size=(32, 32, 3))
+        corner_y, corner_x = divmod(label % 4, 2)
+        y, x = corner_y * 16 + rng.integers(0, 6), corner_x * 16 + rng.integers(0, 6)
+        pixels[y:y + 10, x:x + 10] = 255 - palette[label]
+        images.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
+    return images, labels
 
-    path = SHARED_DATA / f"{split}.parquet"
-    if not path.exists():
-        pytest.skip(f"shared CIFAR-10 subset not found at {SHARED_DATA}")
-    table = pq.read_table(path)
-    rows = np.random.default_rng(seed).permutation(table.num_rows)[:count].tolist()
-    picked = table.take(rows)
-    images = [Image.open(io.BytesIO(cell["bytes"])).convert("RGB") for cell in picked.column("img").to_pylist()]
-    return images, picked.column("label").to_pylist()
+
+def write_cifar_like_parquet(path: Path, count: int, split: str = "train", seed: int = 0) -> Path:
+    """A class-ordered labelled file like the CIFAR-10 subset's (``img`` PNG bytes + a ``label`` ClassLabel with
+    CIFAR-10's names, rows sorted by class): a plain head of it is one class."""
+    import datasets
+
+    images, labels = cifar_images(count, split, seed)
+    order = sorted(range(count), key=lambda i: labels[i])
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=list(CIFAR10_CLASSES))})
+    datasets.Dataset.from_dict({"img": [images[i] for i in order], "label": [labels[i] for i in order]},
+                               features=features).to_parquet(str(path))
+    return path
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:

@@ -364,7 +364,7 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
     torch.save(state, tmp_path / "r18.pth")
     with pytest.raises(BackboneWeightsError, match="only .safetensors files are read"):
         load_backbone_weights(model, str(tmp_path / "r18.pth"))
-    with pytest.raises(BackboneWeightsError, match=r"not torchvision weights of resnet18; valid names: "
+    with pytest.raises(BackboneWeightsError, match=r"nor torchvision weights of resnet18; valid names: "
                                                    r"\['DEFAULT', 'IMAGENET1K_V1'\]"):
         load_backbone_weights(model, "IMAGENET1K_V2")
 

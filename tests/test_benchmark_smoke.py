@@ -33,7 +33,7 @@ def test_throughput_benchmark_runs_on_a_timm_backbone(throughput, one_thread, ca
 
 @pytest.mark.parametrize("argv, zeroed", [([], None), (["--backbone", "resnet18", "--zero_init_residual", "no"], False),
                                           (["--full"], True)])
-def test_search_value_stages_take_flags_the_commands_accept(argv, zeroed, tmp_path, monkeypatch):
+def test_search_value_stages_take_flags_the_commands_accept(argv, zeroed, tmp_path, monkeypatch, cifar_subset):
     """Every arm's search and pretraining get the same common flags, which the real commands parse: the CPU protocol's
     timm ResNet-18 (ImageNet stem, residual BatchNorms at 1 through its own kwargs), a torchvision ResNet with the
     norms at 1, and --full with the reference's zeroed norms."""
@@ -43,8 +43,12 @@ def test_search_value_stages_take_flags_the_commands_accept(argv, zeroed, tmp_pa
     search_value = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "search_value", search_value)  # its dataclasses look their module up
     spec.loader.exec_module(search_value)
-    if "--full" in argv and not (search_value.SHARED / "cifar10-full" / "train.parquet").is_file():
-        pytest.skip("../shared/data/cifar10-full is not beside the checkout")
+    shared = tmp_path / "data"  # the benchmark's default files, as ../shared/data holds them: generated ones
+    for name, source in (("cifar10/train.parquet", cifar_subset[0]), ("cifar10/test.parquet", cifar_subset[1]),
+                         ("cifar10-full/train.parquet", cifar_subset[0])):
+        (shared / name).parent.mkdir(parents=True, exist_ok=True)
+        (shared / name).symlink_to(source)
+    monkeypatch.setattr(search_value, "SHARED", shared)
     protocol = search_value.protocol_from_args(search_value.build_parser().parse_args(argv))
     common = search_value.common_flags(protocol, seed=1)
     assert protocol.zero_init_residual is zeroed and ("--no_zero_init_residual" in common) is (zeroed is False)

@@ -157,9 +157,23 @@ def test_messages_say_what_to_do(kinds):
         require_genotype_source(kinds["missing"])
     with pytest.raises(FolderKindError, match=r"it is a run folder: pass --output_dir .* --resume_from_checkpoint "):
         require_checkpoint(kinds["run_with_checkpoints"])
-    assert require_model("uoft-cs/nasiam-simsiam").kind is FolderKind.MISSING  # a Hub id passes to the loader
     with pytest.raises(FolderKindError):
         require_model(kinds["missing"], allow_hub_id=False)
+
+
+def test_a_hub_id_passes_to_the_loader_when_it_can_be_fetched(tmp_path, monkeypatch):
+    """Offline, a name that is no local path must be in the Hub cache: else the error says both."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FolderKindError, match=r"--model_name_or_path 'uoft-cs/nasiam-simsiam' is not a local path \(no "
+                                              r"such file or folder here\), and as a Hub repository id it is not in "
+                                              r"the local cache \(.*hub\) while offline mode is on"):
+        require_model("uoft-cs/nasiam-simsiam")
+    repo = tmp_path / "hub" / "models--uoft-cs--nasiam-simsiam"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    assert require_model("uoft-cs/nasiam-simsiam").kind is FolderKind.MISSING  # cached: the loader reads it
 
 
 def test_damaged_checkpoints_are_named(tmp_path):

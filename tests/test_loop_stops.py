@@ -176,9 +176,10 @@ def test_a_non_finite_loss_stops_the_command_and_names_the_last_good_checkpoint(
     assert code == 1
     error = error_lines(capsys.readouterr().err)
     assert len(error) == 1, error
-    assert error[0] == (f"error: the loss became nan at epoch 0, step 3; stopping before the update was applied (the "
-                        f"last good checkpoint is {out / 'checkpoints' / 'step-00000002'}). Try a lower "
-                        "--learning_rate, --mixed_precision no, or a different --seed.")
+    assert error[0].startswith(f"error: the loss became nan at epoch 0, step 3; stopping before the update was applied "
+                               f"(the last good checkpoint is {out / 'checkpoints' / 'step-00000002'} (step 2, weights "
+                               "finite")
+    assert error[0].endswith("). Try a lower --learning_rate, --mixed_precision no, or a different --seed.")
     assert checkpoint_steps(out) == [1, 2] and not (out / "model.safetensors").exists()
 
 

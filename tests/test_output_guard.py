@@ -186,7 +186,8 @@ def test_latest_skips_damaged_checkpoints_and_an_explicit_one_is_an_error(tmp_pa
     assert checkpointer.resolve("latest") == out / "checkpoints" / "step-00000002"
     assert "skipping the damaged checkpoint" in capsys.readouterr().out
     with pytest.raises(DamagedCheckpointError, match=r"step-00000006' is damaged: random_states_0.pkl is missing; "
-                                                     r"intact checkpoints there: \[.*step-00000002'\]"):
+                                                     r"the newest usable one there is .*step-00000002 \(or pass "
+                                                     r"'latest'"):
         decide(out, resume=str(newest))
 
 

@@ -117,21 +117,55 @@ def _convert(key: str, value: Any, action: argparse.Action, where: str) -> Any:
     return converted
 
 
+def _load_config_text(path: str, text: str) -> Any:
+    """Parse a config file's text (JSON by its ending, else YAML), naming the line and column of an error; a key
+    given twice in a YAML mapping is an error too (YAML itself would keep the last silently)."""
+    if path.lower().endswith(".json"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config {path!r} is not valid JSON: line {error.lineno}, column {error.colno}: "
+                             f"{error.msg}") from None
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise ValueError(f"--config {path!r}: {key!r} is given twice (lines {seen[key]} and "
+                                     f"{key_node.start_mark.line + 1}): keep one")
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ValueError(f"--config {path!r} is not valid YAML: {where}{error.problem or error.context}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path!r} is not valid YAML: {' '.join(str(error).split())}") from None
+
+
 def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """``{dest: value}`` from a YAML/JSON config file or a run record, converted and checked."""
+    if os.path.isdir(path):
+        raise ValueError(f"--config {path!r} is a folder: pass a YAML or JSON file of flag values")
     if not os.path.isfile(path):
         raise ValueError(f"--config {path!r}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
     try:
-        if path.lower().endswith(".json"):
-            values = json.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text)
-    except Exception as error:  # yaml.YAMLError, json.JSONDecodeError
-        raise ValueError(f"--config {path!r} cannot be read: {error}") from None
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--config {path!r} is not YAML or JSON text: it is not UTF-8 (byte "
+                         f"{error.object[error.start]:#04x} at position {error.start}); pass a text file of "
+                         "'flag_name: value' lines") from None
+    if "\0" in text:
+        raise ValueError(f"--config {path!r} is not YAML or JSON text (it holds NUL bytes): pass a text file of "
+                         "'flag_name: value' lines")
+    values = _load_config_text(path, text)
     if values is None:
         return {}
     if not isinstance(values, dict):

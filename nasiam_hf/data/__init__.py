@@ -12,7 +12,8 @@
   with an order derived from (seed, epoch) alone and exact resume.
 
 Imports run one way: each module imports only modules listed before it in images, transforms, views, augment,
-folders, webdataset, sources, shards, lanes, streaming, splits, loading, flags (and ``..network``, ``..arguments``).
+folders, webdataset, file_problems, sources, shards, lanes, streaming, splits, loading, flags, fingerprint (and
+``..network``, ``..arguments``).
 """
 
 from .augment import BatchAugmenter

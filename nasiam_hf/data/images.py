@@ -114,12 +114,16 @@ def _open(value: Any) -> PILImage.Image:
     elif isinstance(value, (str, os.PathLike)):
         image = PILImage.open(value)
     elif isinstance(value, dict):
+        if value.get("bytes") is None and value.get("path") is None:
+            raise ValueError("the row holds no image (neither 'bytes' nor 'path')")
         try:
             import datasets
         except ImportError:  # pragma: no cover - the GPU machine's image has no datasets
             raw = value.get("bytes")
             return _open(raw if raw is not None else value.get("path"))
         return datasets.Image().decode_example(value)
+    elif value is None:
+        raise ValueError("the row holds no image (None)")
     else:
         raise TypeError(f"not an encoded image: {type(value).__name__}")
     image.load()
@@ -144,6 +148,12 @@ def decode_image(value: Any, where: str | Callable[[], str]) -> PILImage.Image:
         where = where() if callable(where) else where
         if isinstance(error, PILImage.UnidentifiedImageError):
             reason = "not a file format PIL can read"
+        elif isinstance(error, FileNotFoundError):
+            path = os.fspath(error.filename) if error.filename is not None else ""
+            reason = "no such file" + ("" if not path or os.path.isabs(path) else
+                                       " (a relative path is read from the folder the command runs in)")
+        elif isinstance(error, ValueError) and str(error).startswith("the row holds no image"):
+            reason = str(error)
         else:
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
         raise BadImageError(f"cannot decode the image of {describe(value, where)}: {reason}") from error

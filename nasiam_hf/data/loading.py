@@ -182,7 +182,7 @@ def _hub_eval(name: str, split_names: list[str], get_split, eval_split: str | No
 
 def _raw_sources(dataset_name, dataset_config_name, train_file, train_dir, validation_file, validation_dir,
                  image_column, label_column, train_split, eval_split, cache_dir, num_proc, folder_labels, streaming,
-                 with_eval=True):
+                 with_eval=True, on_bad_image="error"):
     """``(name, train RawSplit or None when streamed, eval RawSplit or None, notes)``; without ``with_eval`` no
     eval split of the source is looked for (nor downloaded)."""
     train = evaluation = None
@@ -220,7 +220,8 @@ def _raw_sources(dataset_name, dataset_config_name, train_file, train_dir, valid
     elif train_file is not None:
         name = os.path.basename(os.path.normpath(train_file))
         if not streaming:
-            train = load_local_files(train_file, "train file", image_column, label_column, cache_dir, num_proc)
+            train = load_local_files(train_file, "train file", image_column, label_column, cache_dir, num_proc,
+                                     on_bad_image)
     else:
         name = os.path.basename(os.path.normpath(train_dir))
         layout = split_folders(train_dir, train_split)  # train/ and test/ (or val/ ...) folders
@@ -232,7 +233,7 @@ def _raw_sources(dataset_name, dataset_config_name, train_file, train_dir, valid
         train, evaluation = _folder_parts([train_listing, eval_listing], ["train_dir", "train_dir"])
     if validation_file is not None:
         evaluation = load_local_files(validation_file, "validation file", image_column, label_column, cache_dir,
-                                      num_proc)
+                                      num_proc, on_bad_image)
     elif validation_dir is not None:
         (evaluation,) = _folder_parts([scan_image_folder(validation_dir, folder_labels, "validation_dir")],
                                       ["validation_dir"])
@@ -286,7 +287,7 @@ def load_image_splits(
     num_proc = preprocessing_num_workers
     name, train_raw, eval_raw, notes = _raw_sources(
         dataset_name, dataset_config_name, train_file, train_dir, validation_file, validation_dir, image_column,
-        label_column, train_split, eval_split, cache_dir, num_proc, folder_labels, streaming, with_eval,
+        label_column, train_split, eval_split, cache_dir, num_proc, folder_labels, streaming, with_eval, on_bad_image,
     )
     stream = None
     if streaming:

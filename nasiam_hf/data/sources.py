@@ -16,8 +16,9 @@ import numpy as np
 from PIL import Image as PILImage
 
 from ..network import is_connection_error, offline_mode
+from .file_problems import unreadable_file
 from .folders import FolderListing
-from .images import DataError
+from .images import BadImageError, DataError
 from .webdataset import IMAGE_KEYS, LABEL_KEYS, iter_tar_samples, pick_keys, sample_label
 
 if TYPE_CHECKING:
@@ -151,12 +152,21 @@ def resolve_data_files(spec: str, role: str) -> DataFiles:
     return DataFiles(format=formats.pop(), files=files, root=root, spec=spec)
 
 
-def _webdataset_rows(shards: list[str], names: list[str], image_key: str | None, label_key: str | None):
-    """Rows of map-style webdataset loading: the encoded image (named ``shard/key.ext``) and the label."""
+def _webdataset_rows(shards: list[str], names: list[str], image_key: str | None, label_key: str | None, where: str,
+                     on_bad_image: str = "error"):
+    """Rows of map-style webdataset loading: the encoded image (named ``shard/key.ext``) and the label. A sample
+    without the image member is an error naming the shard, the sample and its keys (``--on_bad_image skip``: a row
+    without bytes, skipped and counted when it is met)."""
     for path, shard in zip(shards, names):
         for key, members in iter_tar_samples(path, shard):
-            # a sample without the image member keeps bytes None: a bad image, named when it is decoded
-            row = {"image": {"bytes": members.get(image_key), "path": f"{shard}/{key}.{image_key}"}}
+            if image_key in members:
+                image = {"bytes": members[image_key], "path": f"{shard}/{key}.{image_key}"}
+            elif on_bad_image == "skip":  # the missing member's name: no such file, skipped and counted when met
+                image = {"bytes": None, "path": f"{shard}/{key}.{image_key}"}
+            else:
+                raise BadImageError(f"{where}: webdataset shard {shard!r}, sample {key!r} has no {image_key!r} member "
+                                    f"(keys found: {sorted(members)}): rerun with --on_bad_image skip to skip it")
+            row = {"image": image}
             if label_key is not None:
                 row["label"] = sample_label(members, label_key, shard, key)
             yield row
@@ -180,7 +190,7 @@ def _fingerprint(files: Sequence[str], *extra: Any) -> str:
 
 
 def _load_webdataset(files: DataFiles, image_column: str | None, label_column: str | None, cache_dir: str | None,
-                     num_proc: int | None) -> datasets.Dataset:
+                     num_proc: int | None, where: str, on_bad_image: str) -> datasets.Dataset:
     import datasets
 
     image_key, label_key = _first_tar_sample(files, image_column, label_column)
@@ -191,9 +201,10 @@ def _load_webdataset(files: DataFiles, image_column: str | None, label_column: s
     try:
         return datasets.Dataset.from_generator(
             _webdataset_rows, features=datasets.Features(features), cache_dir=cache_dir,
-            gen_kwargs={"shards": list(files.files), "names": names, "image_key": image_key, "label_key": label_key},
+            gen_kwargs={"shards": list(files.files), "names": names, "image_key": image_key, "label_key": label_key,
+                        "where": where, "on_bad_image": on_bad_image},
             num_proc=num_proc if num_proc and num_proc > 1 and len(files.files) > 1 else None,
-            fingerprint=_fingerprint(files.files, image_key, label_key),
+            fingerprint=_fingerprint(files.files, image_key, label_key, on_bad_image),
         )
     except datasets.exceptions.DatasetGenerationError as error:  # it hides our message behind its own
         cause = error.__cause__
@@ -202,15 +213,23 @@ def _load_webdataset(files: DataFiles, image_column: str | None, label_column: s
         raise
 
 
-def _decode_json_images(batch: dict, column: str, folder: str) -> dict:
+def _decode_json_images(batch: dict, indices: list[int], column: str, folder: str, where: str) -> dict:
     """JSON-lines image values: paths relative to the file -> absolute paths; base64 ``bytes`` -> bytes."""
+    import binascii
+
     values = []
-    for value in batch[column]:
+    for index, value in zip(indices, batch[column]):
         if isinstance(value, str):
             value = {"bytes": None, "path": value}
+        if not isinstance(value, dict):
+            raise DataError(f"{where}, row {index}: the image column {column!r} holds {type(value).__name__} "
+                            f"{str(value)[:40]!r}; expected a path, or {{'bytes': base64 text}}")
         raw, path = value.get("bytes"), value.get("path")
         if isinstance(raw, str):
-            raw = base64.b64decode(raw)
+            try:
+                raw = base64.b64decode(raw, validate=True)
+            except (binascii.Error, ValueError) as error:
+                raise DataError(f"{where}, row {index}: the image's 'bytes' are not base64 text ({error})") from None
         if raw is None and path is not None and not os.path.isabs(path) and "://" not in path:
             path = os.path.join(folder, path)
         values.append({"bytes": raw, "path": path})
@@ -233,14 +252,14 @@ def _parquet_row_groups(paths: Sequence[str]) -> list[list[int]]:
 
 
 def load_local_files(spec: str, role: str, image_column: str | None, label_column: str | None,
-                     cache_dir: str | None, num_proc: int | None) -> RawSplit:
+                     cache_dir: str | None, num_proc: int | None, on_bad_image: str = "error") -> RawSplit:
     """A local file, folder or glob of data files as one map-style split (through datasets' cache)."""
     import datasets
 
     files = resolve_data_files(spec, role)
     where = f"{role} {spec!r}"
     if files.format == "webdataset":
-        dataset = _load_webdataset(files, image_column, label_column, cache_dir, num_proc)
+        dataset = _load_webdataset(files, image_column, label_column, cache_dir, num_proc, where, on_bad_image)
         return RawSplit(dataset, where)
     options = {}
     if files.format == "parquet":
@@ -252,18 +271,22 @@ def load_local_files(spec: str, role: str, image_column: str | None, label_colum
     try:
         dataset = datasets.load_dataset(files.format, data_files=files.files, split="train", cache_dir=cache_dir,
                                         num_proc=num_proc, **options)
-    except ValueError as error:  # datasets refuses to build a split with no rows
-        if "corresponds to no data" in str(error):
+    except Exception as error:  # noqa: BLE001 - datasets' messages name neither the file nor the line
+        if "corresponds to no data" in str(error):  # datasets refuses to build a split with no rows
             raise ValueError(f"The {where} is empty (0 rows).") from error
-        raise
+        raise unreadable_file(files, where, error) from error
     if files.format == "json" and len(dataset):
         column = find_column(dataset.column_names, dataset.features, image_column, IMAGE_COLUMN_CANDIDATES,
                              "image", where)
         if not isinstance(dataset.features[column], datasets.Image):
             folder = os.path.dirname(os.path.abspath(files.files[0]))
-            dataset = dataset.map(_decode_json_images, batched=True, fn_kwargs={"column": column, "folder": folder},
-                                  features=datasets.Features({**dataset.features, column: datasets.Image()}),
-                                  num_proc=num_proc, desc="resolving image paths")
+            try:
+                dataset = dataset.map(_decode_json_images, batched=True, with_indices=True,
+                                      fn_kwargs={"column": column, "folder": folder, "where": where},
+                                      features=datasets.Features({**dataset.features, column: datasets.Image()}),
+                                      num_proc=num_proc, desc="resolving image paths")
+            except DataError as error:
+                raise DataError(str(error)) from None
     return RawSplit(dataset, where)
 
 
@@ -292,11 +315,13 @@ def hub_error(name: str, error: BaseException | None, streaming: bool = False) -
     """The error for a Hub dataset that cannot be fetched: why (offline mode or no connection) and what to pass."""
     offline = offline_mode("HF_DATASETS_OFFLINE")
     why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face Hub cannot be reached"
+    path_like = ("/" in name or os.sep in name) and not os.path.exists(name)
+    local = "not a local folder (no such path here), and as a Hub dataset id: " if path_like else ""
     if streaming:
-        return ValueError(f"--streaming {name!r}: {why}, so the split's files cannot be listed or read. Stream local "
-                          "shards instead (--train_file with parquet or webdataset .tar files, or --train_dir).")
+        return ValueError(f"--streaming {name!r}: {local}{why}, so the split's files cannot be listed or read. Stream "
+                          "local shards instead (--train_file with parquet or webdataset .tar files, or --train_dir).")
     return ValueError(
-        f"Dataset {name!r} is not in the local cache and {why}, so it cannot be downloaded. "
+        f"--dataset_name {name!r}: {local}it is not in the local cache and {why}, so it cannot be downloaded. "
         "Pass local data with --train_file (parquet) or --train_dir (image folder), or run once online to cache "
         f"it, or use --dataset_name demo (embedded, no download)." + (f" Original error: {error}" if error else "")
     )
@@ -312,6 +337,10 @@ def hub_split_files(name: str, config_name: str | None, cache_dir: str | None) -
     except Exception as error:
         if is_connection_error(error):
             return None
+        if type(error).__name__ == "DatasetNotFoundError" and not os.path.exists(name):
+            raise ValueError(f"--dataset_name {name!r} is not a local folder (no such path here), and the Hub has no "
+                             f"dataset {name!r} that this account can read: check the name (or the path), or log in "
+                             "with `hf auth login` for a private or gated dataset") from error
         raise
     data_files = builder.config.data_files
     return {str(split): [str(f) for f in files] for split, files in data_files.items()} if data_files else None

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .folders import scan_image_folder, split_folders
-from .images import check_on_bad_image, decode_or_skip
+from .images import BadImageError, check_on_bad_image, decode_or_skip
 from .lanes import EpochPlan, generate_samples, plan_epoch, resume_rotation
 from .shards import StreamSource, count_units, folder_source, key_indices, mix64, parquet_source, webdataset_source
 from .sources import hub_error, hub_split_files, resolve_data_files
@@ -129,18 +129,24 @@ class ImageStream:
         for unit_id in picked:
             unit, kept = self.source.units[unit_id], self.keep[unit_id]
             if self.source.kind == "webdataset":
-                budget = iter(range(per_unit))
-                rows = [(members.get(self.source.image_column), key) for key, members
+                budget, shard = iter(range(per_unit)), self.source.names[unit.file]
+                rows = [(members, f"{self.where}: webdataset shard {shard!r}, sample {key!r}") for key, members
                         in self.source.tar_samples(unit, lambda key: next(budget, None) is not None)]
+                rows = [(members.get(self.source.image_column) if self.source.image_column in members else
+                         BadImageError(f"{where}: no {self.source.image_column!r} member (keys found: "
+                                       f"{sorted(members)})"), where) for members, where in rows]
             else:
                 size = len(kept) if kept is not None else unit.num_rows
                 chosen = rng.permutation(size)[:per_unit]
                 positions = np.sort(kept[chosen] if kept is not None else chosen).tolist()
                 keys = self.source.unit_keys(unit)
-                rows = [(encoded, keys[p]) for (encoded, _), p in zip(self.source.read_rows(unit, positions),
-                                                                       positions)]
-            for encoded, key in rows:
-                image = decode_or_skip(encoded, f"{self.where}, sample {key!r}", self.on_bad_image)
+                rows = [(encoded, f"{self.where}, sample {keys[p]!r}")
+                        for (encoded, _), p in zip(self.source.read_rows(unit, positions), positions)]
+            for encoded, where in rows:
+                if isinstance(encoded, BadImageError) and self.on_bad_image != "skip":
+                    raise encoded
+                image = None if isinstance(encoded, BadImageError) else decode_or_skip(encoded, where,
+                                                                                        self.on_bad_image)
                 if image is None:
                     bad += 1
                 else:

@@ -15,10 +15,13 @@ from urllib.parse import urlparse
 from ..checkpoints import STAGING_PREFIX
 from ..errors import PushError
 from ..fileio import HIDDEN_MODEL_PATTERNS
+from ..folders import RUN_LOCK_FILES
 from ..network import offline_mode
 
-# Training checkpoints, temporary files, and the staging folders of nasiam_hf.fileio (".<name>.XXXX.tmp/").
-DEFAULT_IGNORE_PATTERNS = ("checkpoints/*", "checkpoint-*/*", "*.tmp", "*.tmp/*", *HIDDEN_MODEL_PATTERNS)
+# Training checkpoints, temporary files, the staging folders of nasiam_hf.fileio (".<name>.XXXX.tmp/") and the lock
+# of the run that is pushing.
+DEFAULT_IGNORE_PATTERNS = ("checkpoints/*", "checkpoint-*/*", "*.tmp", "*.tmp/*", *HIDDEN_MODEL_PATTERNS,
+                           *sorted(RUN_LOCK_FILES))
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
