@@ -14,7 +14,7 @@ The guard (:func:`decide_output_dir`) decides, before anything is written, what 
 * the same run without ``--resume_from_checkpoint``: refused (it would start again at step 0 over the checkpoints);
 * a different run, or a resume with a changed identity key: refused, naming the keys and both values;
 * files without a run record of ours (another tool's model, other files): refused;
-* ``--overwrite_output_dir``: deletes what our runs write (checkpoints, run files, model versions and model files)
+* ``--overwrite_output_dir``: deletes what our runs write (checkpoints, run files and model files)
   and keeps every other file; together with ``--resume_from_checkpoint`` it is refused as a contradiction.
 """
 
