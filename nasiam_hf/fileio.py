@@ -121,8 +121,9 @@ def _plan(staging: Path, folder: Path) -> dict:
     if nested:
         raise ValueError(f"a model folder is published as files only, got the folder(s) {nested} in {staging}")
     for name in names:
-        if (folder / name).is_dir() and not (folder / name).is_symlink():
-            raise IsADirectoryError(errno.EISDIR, f"a folder is in the way of the model file {name}", str(folder / name))
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            raise IsADirectoryError(errno.EISDIR, f"a folder is in the way of the model file {name}", str(path))
     if CONFIG not in names and (folder / CONFIG).is_file():  # the commit point is always config.json
         try:
             os.link(folder / CONFIG, staging / CONFIG)

@@ -138,3 +138,22 @@ def test_a_new_model_replaces_every_weight_file_of_the_old_one(tmp_path):
     with staged_files(tmp_path) as staged:  # a save without weights (a search result) keeps the weights
         NASiamConfig(image_size=8).save_pretrained(staged)
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("model-")) == shards
+
+
+def test_a_run_start_settles_an_interrupted_save_before_it_decides(tmp_path, capsys):
+    """Killed after publish.json: the guard finishes the save first, so it sees the saved model (a run there without
+    --resume_from_checkpoint is refused for holding one) instead of a folder with "nothing to keep"."""
+    from accelerate import Accelerator
+    from test_folders import interrupted_save
+
+    from nasiam_hf.checkpoints import decide_output_dir, guard_output_dir
+    from nasiam_hf.errors import OutputDirError
+
+    identity = {"learning_rate": 0.06, "seed": 0}
+    out = tmp_path / "run"
+    decide_output_dir(out, identity, mutable_keys=set()).write_record()
+    interrupted_save(out)
+    with pytest.raises(OutputDirError, match=r"already holds this run \(a saved model\)"):
+        guard_output_dir(Accelerator(cpu=True), out, identity, mutable_keys=set())
+    assert "the model save a kill interrupted was completed" in capsys.readouterr().out
+    assert NASiamConfig.from_pretrained(out).framework == "byol" and assert_plain(out)
