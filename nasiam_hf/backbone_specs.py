@@ -170,14 +170,6 @@ def timm_width(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # transformers
 # ---------------------------------------------------------------------------------------------------------------------
-def transformers_load_backbone():
-    try:  # transformers >= 5.20 moved the backbone helpers to the top level
-        from transformers.backbone_utils import load_backbone
-    except ImportError:  # pragma: no cover - older 5.x
-        from transformers.utils.backbone_utils import load_backbone
-    return load_backbone
-
-
 def check_transformers_backbone_config(backbone_config: Any) -> None:
     """Refuse a sub-config that AutoBackbone cannot build (or that is better named another way)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES

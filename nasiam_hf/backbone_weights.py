@@ -35,6 +35,7 @@ from torch import nn
 from .backbones import (
     TIMM, TIMM_PREFIX, TORCHVISION, TORCHVISION_BACKBONES, TRANSFORMERS, BackboneTrunk, create_timm_model, find_trunk,
 )
+from .network import offline_mode
 
 STEM_KEYS = ("conv1.", "bn1.")
 BACKBONE_NORM_KEYS = ("hidden_states_norms.",)
@@ -77,12 +78,6 @@ class BackboneInit:
                 "preprocessing": asdict(self.preprocessing) if self.preprocessing else None}
 
 
-def hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def _offline_error(spec: str, what: str, cache: str | os.PathLike) -> BackboneWeightsError:
     return BackboneWeightsError(
         f"backbone weights {spec!r} need a download of {what}, which is not in the cache ({os.fspath(cache)}) and "
@@ -106,7 +101,7 @@ def _torchvision_source(trunk: BackboneTrunk, spec: str, arch: str, cache_dir: s
 
     weights = getattr(get_model_weights(arch), spec)  # a valid name: check_weights_spec said so
     folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
-    if not (folder / Path(urlparse(weights.url).path).name).is_file() and hub_offline():
+    if not (folder / Path(urlparse(weights.url).path).name).is_file() and offline_mode():
         raise _offline_error(spec, weights.url, folder)
     try:
         state = torch.hub.load_state_dict_from_url(weights.url, model_dir=os.fspath(folder), progress=False,
@@ -120,13 +115,12 @@ def _torchvision_source(trunk: BackboneTrunk, spec: str, arch: str, cache_dir: s
     return _Source(dict(state), f"torchvision {weights}", preprocessing)
 
 
-def _timm_preprocessing(cfg: dict, source: str) -> Preprocessing | None:
-    if not cfg.get("mean") or not cfg.get("input_size"):
-        return None
-    size = int(cfg["input_size"][-1])
-    crop_pct = float(cfg.get("crop_pct") or 0.875)
-    return Preprocessing(tuple(cfg["mean"]), tuple(cfg["std"]), size, int(math.floor(size / crop_pct)),
-                         cfg.get("interpolation") or "bicubic", source)
+def _timm_preprocessing(data_config: dict, source: str) -> Preprocessing:
+    """timm's evaluation preprocessing (``timm.data.resolve_data_config``): centre crop of ``input_size`` after a
+    resize of the shorter side to ``floor(size / crop_pct)``."""
+    size = int(data_config["input_size"][-1])
+    return Preprocessing(tuple(data_config["mean"]), tuple(data_config["std"]), size,
+                         math.floor(size / data_config["crop_pct"]), data_config["interpolation"], source)
 
 
 def _timm_source(trunk: BackboneTrunk, spec: str, config: Any, cache_dir: str | None) -> _Source:
@@ -145,15 +139,17 @@ def _timm_source(trunk: BackboneTrunk, spec: str, config: Any, cache_dir: str | 
     else:
         cache = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
         cached = (Path(cache) / Path(urlparse(url).path).name).is_file()
-    if not cached and hub_offline():
+    if not cached and offline_mode():
         raise _offline_error(spec, f"timm's weights of {name!r} ({hub_id or url})", cache)
     try:
         source = create_timm_model(name, config.backbone_kwargs, config.num_channels, pretrained=True,
                                    cache_dir=cache_dir)
     except (ValueError, OSError) as error:
         raise BackboneWeightsError(f"backbone weights 'timm' for {name!r}: {error}; {LOCAL_ALTERNATIVE}") from error
+    from timm.data import resolve_model_data_config
+
     return _Source(source.state_dict(), f"timm pretrained {cfg.get('architecture')}.{cfg.get('tag')} ({hub_id or url})",
-                   _timm_preprocessing(cfg, f"timm pretrained_cfg of {name}"))
+                   _timm_preprocessing(resolve_model_data_config(source), f"timm pretrained_cfg of {name}"))
 
 
 def _load_file(path: Path, spec: str) -> dict[str, torch.Tensor]:
@@ -226,9 +222,14 @@ def _folder_source(trunk: BackboneTrunk, spec: str, folder: Path, config: Any) -
     config_file = folder / "config.json"
     folder_config = _read_json(config_file, spec) if config_file.is_file() else {}
     if "architecture" in folder_config:  # a timm folder (timm's save/push_to_hub)
+        from timm.data import resolve_data_config
+
         cfg = dict(folder_config.get("pretrained_cfg") or {})
+        where = f"pretrained_cfg in {config_file}"
+        preprocessing = (_timm_preprocessing(resolve_data_config(pretrained_cfg=cfg), where)
+                         if cfg.get("mean") and cfg.get("input_size") else None)
         return _Source(_read_safetensors(folder, spec), f"timm folder {folder} ({folder_config['architecture']})",
-                       _timm_preprocessing(cfg, f"pretrained_cfg in {config_file}"))
+                       preprocessing)
     if folder_config.get("model_type") not in (None, "nasiam") and trunk.kind == TRANSFORMERS:
         return _transformers_source(trunk, spec, os.fspath(folder), None)
     kind = "NASiam folder" if folder_config.get("model_type") == "nasiam" else "folder"
@@ -244,7 +245,7 @@ def _transformers_source(trunk: BackboneTrunk, spec: str, where: str, cache_dir:
     from huggingface_hub import constants, try_to_load_from_cache
 
     is_local = Path(where).is_dir()
-    if not is_local and hub_offline():
+    if not is_local and offline_mode():
         cached = any(isinstance(try_to_load_from_cache(where, f, cache_dir=cache_dir), str)
                      for f in ("model.safetensors", "model.safetensors.index.json"))
         if not cached:

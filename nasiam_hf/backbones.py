@@ -20,7 +20,7 @@ from .backbone_specs import (  # noqa: F401 - the names of a backbone are import
     BACKBONES, RESNET_STAGE_NAMES, TIMM, TIMM_PREFIX, TORCHVISION, TORCHVISION_BACKBONES, TRANSFORMERS,
     TRUNK_MODULES, BackboneInfo, backbone_config_values, backbone_kind, create_timm_model, describe_backbone,
     import_timm, is_torchvision_backbone, read_transformers_config, required_packages, timm_stages, timm_width,
-    transformers_config_from_dict, transformers_load_backbone, with_all_stages,
+    transformers_config_from_dict, with_all_stages,
 )
 
 
@@ -172,8 +172,10 @@ class TransformersTrunk(LibraryTrunk):
     kind = TRANSFORMERS
 
     def __init__(self, config: Any):
+        from transformers.backbone_utils import load_backbone
+
         super().__init__()
-        self.model = transformers_load_backbone()(config)
+        self.model = load_backbone(config)
         self.stage_names = tuple(config.backbone_config.stage_names)
         self.stage_channels = tuple(int(c) for c in self.model.num_features)
         self.hidden_size = self.stage_channels[-1]

@@ -14,7 +14,7 @@ The guard (:func:`decide_output_dir`) decides, before anything is written, what 
 * the same run without ``--resume_from_checkpoint``: refused (it would start again at step 0 over the checkpoints);
 * a different run, or a resume with a changed identity key: refused, naming the keys and both values;
 * files without a run record of ours (another tool's model, other files): refused;
-* ``--overwrite_output_dir``: deletes what our runs write (checkpoints, run files, model versions and model files)
+* ``--overwrite_output_dir``: deletes what our runs write (checkpoints, run files and model files)
   and keeps every other file; together with ``--resume_from_checkpoint`` it is refused as a contradiction.
 """
 
@@ -38,7 +38,7 @@ from .checkpoint_health import (
     usable_checkpoint, weights_health,
 )
 from .errors import DamagedCheckpointError, OutputDirError, without_unsafe_advice
-from .fileio import CURRENT_LINK, VERSION_PREFIX, atomic_write_json, clean_model_leftovers, is_published_link
+from .fileio import STAGING_DIR, atomic_write_json, finish_publish
 from .folders import (
     CHECKPOINT_DIR, CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, CONFIG_FILE, DATA_LISTING_FILE, RUN_FILES, RUN_LOCK_FILES,
     RUN_RECORD_FILE, TRAINER_STATE_FILE, FolderKind, checkpoint_step, inspect_path, read_trainer_state,
@@ -49,16 +49,15 @@ from .run_lock import check_output_path
 STAGING_PREFIX = ".staging-"
 # Arguments whose growth extends a finished run (the schedule is recomputed over the new length).
 LENGTH_KEYS = frozenset({"num_train_epochs", "max_train_steps"})
-# Files a run of ours writes at the top of output_dir besides run files and model versions (model files of older
-# releases, plots, tracker folders); --overwrite_output_dir deletes them, whoever wrote them, since the run rewrites
-# them anyway.
+# Files a run of ours writes at the top of output_dir besides run files (the model, plots); --overwrite_output_dir
+# deletes them, whoever wrote them, since the run rewrites them anyway.
 MODEL_FILES = frozenset({
     CONFIG_FILE, "model.safetensors", "model.safetensors.index.json", "preprocessor_config.json", "README.md",
     "genotype.json", "genotype.png", "loss.png", "knn_accuracy.png", "collapse.png", "alphas.png", "search_loss.png",
     "search_diagnostics.png", "linear_probe.safetensors",
 })
-# Tracker folders: runs/ (where the engines point Accelerate's trackers), and the per-project folders of older runs.
-TRACKER_DIRS = frozenset({"runs", "nasiam-search", "nasiam-pretrain", "nasiam-finetune", "nasiam-linear-eval"})
+# Tracker folders: runs/ (where the engines point Accelerate's trackers).
+TRACKER_DIRS = frozenset({"runs"})
 IGNORED_KEYS = frozenset({"output_dir", "resume_from_checkpoint", "overwrite_output_dir"})
 DATA_KEY = "data_fingerprint"  # the identity key of the run's data (nasiam_hf.data.fingerprint)
 _SECRET = re.compile(r"token|password|secret", re.IGNORECASE)
@@ -253,7 +252,7 @@ class OutputPlan:
                 path.unlink(missing_ok=True)
         if not self.output_dir.is_dir():
             return
-        clean_model_leftovers(self.output_dir)
+        finish_publish(self.output_dir)
         root = self.output_dir / CHECKPOINT_DIR
         if root.is_dir():
             for stale in root.glob(f"{STAGING_PREFIX}*"):
@@ -268,10 +267,8 @@ class OutputPlan:
         atomic_write_json(self.output_dir / RUN_RECORD_FILE, self.identity)
 
 
-def _ours(out: Path, name: str) -> bool:
-    entry = out / name
-    return (name in RUN_FILES or name in MODEL_FILES or name in TRACKER_DIRS or name == CHECKPOINT_DIR
-            or name.startswith(VERSION_PREFIX) or name == CURRENT_LINK or is_published_link(entry)
+def _ours(name: str) -> bool:
+    return (name in RUN_FILES or name in MODEL_FILES or name in TRACKER_DIRS or name in (CHECKPOINT_DIR, STAGING_DIR)
             or name in _modeling_code_files())
 
 
@@ -279,7 +276,7 @@ def _partition(out: Path) -> tuple[list[Path], list[str]]:
     """(paths our runs write, names of the other entries) at the top of ``out``; the run lock is neither."""
     ours, others = [], []
     for name in sorted(set(os.listdir(out)) - RUN_LOCK_FILES):
-        (ours.append(out / name) if _ours(out, name) else others.append(name))
+        (ours.append(out / name) if _ours(name) else others.append(name))
     return ours, others
 
 
@@ -468,7 +465,16 @@ def guard_output_dir(accelerator: Accelerator, output_dir: str | os.PathLike, id
     """:func:`decide_output_dir` on every process (they all read the folder before anyone changes it), print the
     decision on the main process, apply it there, and wait for everyone. ``data``: a function giving the data's
     fingerprint, called on the main process only (a large folder is listed once) and sent to the others. Returns
-    the plan (``.resume_from``)."""
+    the plan (``.resume_from``).
+
+    A model save into ``output_dir`` that a kill interrupted is settled first (:func:`~nasiam_hf.fileio.
+    finish_publish`), so the decision sees a whole model or none."""
+    if accelerator.is_main_process and Path(output_dir).is_dir():
+        settled = finish_publish(output_dir)
+        if settled:
+            accelerator.print(f"output_dir {output_dir}: the model save a kill interrupted was "
+                              + ("completed" if settled == "finished" else "discarded (the previous model stays)"))
+    accelerator.wait_for_everyone()
     fingerprint, failure = None, None
     if data is not None and accelerator.is_main_process:
         try:

@@ -13,16 +13,12 @@ import math
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
-try:  # transformers >= 5.2x declares sub-configs with a spec
+try:  # recent transformers declare sub-configs with a spec
     from transformers.configuration_utils import SubConfigSpec
-except ImportError:  # pragma: no cover - older 5.x: a plain class mapping
+except ImportError:  # pragma: no cover - 5.17 (the GPU machine's) and earlier: a plain class mapping
     SubConfigSpec = None
-
-try:  # transformers >= 5.20 moved the backbone helpers to the top level
-    from transformers.backbone_utils import BackboneConfigMixin
-except ImportError:  # pragma: no cover - older 5.x
-    from transformers.utils.backbone_utils import BackboneConfigMixin
 
 from .backbone_specs import (
     TORCHVISION,
@@ -34,6 +30,7 @@ from .backbone_specs import (
     transformers_config_from_dict,
     with_all_stages,
 )
+from .fileio import publish_problem
 from .heads import HeadSpec
 from .objectives import FRAMEWORKS
 from .presets import PRESETS
@@ -156,7 +153,7 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
         sub_configs_defaults = {
             "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="convnext", optional=True),
         }
-    else:  # pragma: no cover - older 5.x
+    else:  # pragma: no cover - transformers without SubConfigSpec
         sub_configs = {"backbone_config": AutoConfig}
 
     backbone: str | None = None
@@ -277,13 +274,16 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
         if model_type is not None and model_type != cls.model_type:
             raise ValueError(
                 f"this config.json describes a {model_type!r} model, not a NASiam one (model_type 'nasiam'); "
-                "pass a folder saved by nasiam_hf (save_pretrained, or the output_dir of training/search.py or "
-                "training/pretrain.py)"
+                "pass a folder saved by nasiam_hf (save_pretrained, or the output_dir of nasiam-search or "
+                "nasiam-pretrain)"
             )
         return super().from_dict(config_dict, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "NASiamConfig":
+        problem = publish_problem(pretrained_model_name_or_path)
+        if problem:
+            raise OSError(problem)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except ValueError as error:

@@ -1,26 +1,31 @@
-"""Atomic writes: a kill at any instant leaves the previous version of a file, or of a whole model, in place.
+"""Atomic writes: a kill at any instant leaves a file, or a model folder, as it was, as it was meant to become, or (a
+model folder, for a moment) refusing to load with a one-line reason that the next save or run start settles.
 
-Single files are written to a temporary file beside the target and renamed over it (:func:`atomic_write_bytes`).
+One file: written beside its target, fsynced, renamed over it (:func:`atomic_write_bytes`).
 
-A model is several files (config, weights, processor, card, modeling code) that must change together, and they sit
-at the top of an output folder beside checkpoints and run files, so the folder cannot simply be renamed. They live
-in a versioned hidden subfolder instead, and one atomic step makes a version current::
+A model folder holds regular files at their documented paths, as transformers writes them (``config.json``,
+``model.safetensors``, ``preprocessor_config.json``, ``README.md``, the modeling code, run files), beside checkpoints
+and other files. :func:`staged_files` replaces the files of a model together:
 
-    output_dir/
-      .model-000003/            config.json, model.safetensors, preprocessor_config.json, README.md, *.py
-      .model-current -> .model-000003
-      config.json -> .model-current/config.json      (one relative link per file of the version)
-      model.safetensors -> .model-current/model.safetensors
-      checkpoints/, run_args.json, ...                (not part of the model, untouched)
+1. the new files are written into ``folder/.nasiam-publish.tmp/`` and fsynced;
+2. ``publish.json`` (the files to move in, and the weight files of the old model that the new one does not write:
+   sharded versus single) is written into it atomically; from here on the publish goes forward;
+3. ``config.json`` is deleted: without it transformers, and :mod:`nasiam_hf.folders`, refuse the folder;
+4. the old weight files named in ``publish.json`` are deleted, the staged files moved in (``os.replace`` each);
+5. ``config.json`` is moved in last: the commit point (a publish that stages none re-stages the current one);
+6. the staging folder is removed.
 
-:func:`staged_files` yields an empty staging folder; when the block ends, the files written there become the next
-version: files of the current version that were not rewritten are hard-linked into it (a card refresh does not
-copy the weights), the links of new names are created, then ``.model-current`` is replaced with ``os.replace``. A
-reader therefore sees the old model or the new one (on a first save: none), never a mix. Old versions and staging
-folders left by a kill are removed at the next save (:func:`clean_model_leftovers`). Writing a published path with
-:func:`atomic_write_bytes` (e.g. refreshing ``README.md``) goes through a new version the same way.
+A reader sees the old model until ``publish.json`` exists, then a one-line refusal (:func:`publish_problem`; the
+folder is about to change), then the new model once ``config.json`` is in: never a mix. Files the new model does not
+write stay as they were (a card, eval results).
 
-One writer per folder at a time. The module uses the standard library only: saved folders carry a copy of it.
+Roll forward or back (:func:`finish_publish`; every publish and every run start calls it first): a staging folder
+holding ``publish.json`` is complete, since that file is written only after every staged file was fsynced, so its
+publish is finished (steps 3 to 6 again; each is idempotent: what was moved already is skipped). A staging folder
+without it is deleted: nothing outside it had changed. ``python -m nasiam_hf.fileio FOLDER`` does the same by hand.
+
+One writer per folder at a time. Standard library only: the modeling code imports this module, so saved folders
+carry a copy of it (``trust_remote_code``).
 """
 
 from __future__ import annotations
@@ -35,15 +40,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-CURRENT_LINK = ".model-current"
-VERSION_PREFIX = ".model-"
-STAGING_SUFFIX = ".tmp"
-# What a push or an archive of the folder must leave out: the versions behind the published links.
-HIDDEN_MODEL_PATTERNS = (".model-*",)
-_VERSION_NAME = re.compile(r"^\.model-(\d{6,})$")
-# Weight files: a version that writes weights drops every weight file of the previous one (sharded vs single).
+STAGING_DIR = ".nasiam-publish.tmp"
+MANIFEST = "publish.json"
+CONFIG = "config.json"
+# Weight files: a model that writes weights replaces every weight file of the previous one (sharded vs single).
 _WEIGHT_NAME = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
-_open_stagings: set[Path] = set()
 
 
 def _umask() -> int:
@@ -52,10 +53,22 @@ def _umask() -> int:
     return mask
 
 
-def _write_new_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (POSIX), to the disk."""
+    if path.is_dir() and os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace ``path`` with ``data`` in one step: a temporary file beside it, fsynced, renamed over it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=STAGING_SUFFIX)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -66,17 +79,6 @@ def _write_new_file(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Replace ``path`` with ``data`` in one step. A published model file (a link into ``.model-current``) is
-    replaced through a new model version, so the other files of the model stay consistent with it."""
-    path = Path(path)
-    if is_published_link(path):
-        with staged_files(path.parent) as staged:
-            _write_new_file(staged / path.name, data)
-    else:
-        _write_new_file(path, data)
     return path
 
 
@@ -95,196 +97,122 @@ def read_json(path: str | os.PathLike):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Model versions
+# Publishing a model folder
 # ---------------------------------------------------------------------------------------------------------------------
-def _link_text(name: str) -> str:
-    return f"{CURRENT_LINK}/{name}"
-
-
-def is_published_link(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is one of the top-level links of a model folder (``name -> .model-current/name``)."""
-    path = Path(path)
-    try:
-        return path.is_symlink() and os.readlink(path) == _link_text(path.name)
-    except OSError:
-        return False
-
-
-def current_version(folder: str | os.PathLike) -> Path | None:
-    """The version folder ``.model-current`` points to, or None (no model published with versions)."""
-    link = Path(folder) / CURRENT_LINK
-    if not link.is_symlink():
+def publish_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` must not be read now (a publish into it is decided, and its new ``config.json`` not in yet), or
+    None (also for what is not a path: a Hub id is checked by the Hub)."""
+    if not isinstance(folder, (str, os.PathLike)):
         return None
-    target = os.readlink(link)
-    version = link.parent / target
-    return version if _VERSION_NAME.match(target) and version.is_dir() else None
+    staging = Path(folder) / STAGING_DIR
+    if not (staging / MANIFEST).is_file():
+        return None
+    if (Path(folder) / CONFIG).is_file() and not (staging / CONFIG).exists():
+        return None  # committed: only the staging folder is left to remove
+    return (f"{os.fspath(folder)!r}: a save into this folder did not finish (interrupted, or still running); if it "
+            f"was interrupted, complete it with `python -m nasiam_hf.fileio {os.fspath(folder)}` or rerun the command "
+            "that wrote it")
 
 
-def published_names(folder: str | os.PathLike) -> list[str]:
-    """Names of the files of the current model version (empty when there is none)."""
-    version = current_version(folder)
-    return sorted(p.name for p in version.iterdir()) if version is not None else []
-
-
-def _is_staging(entry: Path) -> bool:
-    """Staging folders of versions (and of older releases, ``.staged.*.tmp``), temporary files and links."""
-    name = entry.name
-    if not (name.startswith(".") and name.endswith(STAGING_SUFFIX)):
-        return False
-    return name.startswith((VERSION_PREFIX, ".staged.")) or not entry.is_dir() or entry.is_symlink()
-
-
-def _remove(entry: Path) -> None:
-    if entry.is_dir() and not entry.is_symlink():
-        shutil.rmtree(entry, ignore_errors=True)
-    else:
-        entry.unlink(missing_ok=True)
-
-
-def clean_model_leftovers(folder: str | os.PathLike) -> list[Path]:
-    """Remove what a killed save can leave in ``folder``: staging folders, versions that are not current, links
-    that point to nothing, and a ``.model-current`` copied as a plain folder (by a copy that followed links).
-    Returns what was removed."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    current = current_version(folder)
-    removed = []
-    for entry in folder.iterdir():
-        stale = (
-            _is_staging(entry)
-            or (entry.name == CURRENT_LINK and not entry.is_symlink())
-            or (_VERSION_NAME.match(entry.name) and entry != current)
-            or (is_published_link(entry) and not entry.exists())
-        )
-        if stale and entry.resolve() not in _open_stagings:
-            _remove(entry)
-            removed.append(entry)
-    return removed
-
-
-def _hard_link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # a filesystem without hard links
-        shutil.copy2(source, target)
-
-
-def _next_version(folder: Path) -> int:
-    numbers = [int(m.group(1)) for m in map(_VERSION_NAME.match, os.listdir(folder)) if m]
-    return max(numbers, default=0) + 1
-
-
-def _make_current(staged: Path, folder: Path) -> Path:
-    """Rename a complete staging folder to the next version, link its new names, then switch ``.model-current``."""
-    number = _next_version(folder)
-    while True:
-        version = folder / f"{VERSION_PREFIX}{number:06d}"
+def _plan(staging: Path, folder: Path) -> dict:
+    """The ``publish.json`` of a filled staging folder; refuses subfolders and folders in the way."""
+    names = sorted(os.listdir(staging))
+    nested = [n for n in names if (staging / n).is_dir()]
+    if nested:
+        raise ValueError(f"a model folder is published as files only, got the folder(s) {nested} in {staging}")
+    for name in names:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            raise IsADirectoryError(errno.EISDIR, f"a folder is in the way of the model file {name}", str(path))
+    if CONFIG not in names and (folder / CONFIG).is_file():  # the commit point is always config.json
         try:
-            os.rename(staged, version)
-            break
-        except OSError:
-            if not version.exists():
-                raise
-            number += 1
-    for name in sorted(os.listdir(version)):
-        top = folder / name
-        if not is_published_link(top):
-            # a new name: the link resolves to nothing until the switch below (a regular file was adopted first)
-            _replace_with_link(top)
-    switch = folder / f"{CURRENT_LINK}.{os.getpid()}{STAGING_SUFFIX}"
-    switch.unlink(missing_ok=True)
-    os.symlink(version.name, switch)
-    os.replace(switch, folder / CURRENT_LINK)  # the one step that publishes the version
-    return version
-
-
-def _replace_with_link(top: Path) -> None:
-    tmp = top.with_name(f".{top.name}.link{STAGING_SUFFIX}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.symlink(_link_text(top.name), tmp)
-    except OSError as error:
-        raise OSError(f"{top.parent}: cannot create a symbolic link there ({error}); model folders need a "
-                      "filesystem with symbolic links") from error
-    os.replace(tmp, top)
-
-
-def _adopt(folder: Path, names: list[str]) -> None:
-    """Turn top-level files that are not links yet (written directly, or by an older version of this package) into
-    links with the same content: a version holding them is made current first, so nothing visible changes."""
-    previous = current_version(folder)
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=VERSION_PREFIX, suffix=STAGING_SUFFIX))
-    if previous is not None:
-        for item in previous.iterdir():
-            _hard_link_or_copy(item, staging / item.name)
-    for name in names:
-        (staging / name).unlink(missing_ok=True)
-        _hard_link_or_copy(folder / name, staging / name)
-    _make_current(staging, folder)
-    for name in names:
-        _replace_with_link(folder / name)
-
-
-def _carried(previous: Path | None, names: list[str], keep_previous: bool) -> list[str]:
-    """Files of the current version that the new one takes over (weight files only when it writes none)."""
-    if not keep_previous or previous is None:
-        return []
+            os.link(folder / CONFIG, staging / CONFIG)
+        except OSError:  # a filesystem without hard links
+            shutil.copy2(folder / CONFIG, staging / CONFIG)
+        names = sorted([*names, CONFIG])
     writes_weights = any(_WEIGHT_NAME.match(n) for n in names)
-    return sorted(n for n in os.listdir(previous)
-                  if n not in names and not (writes_weights and _WEIGHT_NAME.match(n)))
+    stale = sorted(n for n in os.listdir(folder) if writes_weights and _WEIGHT_NAME.match(n) and n not in names)
+    for name in names:
+        _fsync(staging / name)
+    _fsync(staging)
+    return {"files": names, "remove": stale}
 
 
-def publish_version(staged: str | os.PathLike, folder: str | os.PathLike, keep_previous: bool = True) -> Path:
-    """Make the files of ``staged`` the current model of ``folder`` (see the module docstring); returns the version.
+def _install(staging: Path, folder: Path, plan: dict) -> None:
+    """Steps 3 to 6 of the module docstring; safe to repeat after a kill at any point."""
+    names = plan["files"]
+    if CONFIG in names and not (staging / CONFIG).exists():  # committed already: only the cleanup was left
+        shutil.rmtree(staging)
+        return
+    if CONFIG in names:
+        (folder / CONFIG).unlink(missing_ok=True)
+        _fsync(folder)  # the folder refuses to load before any file changes
+    for name in plan["remove"]:
+        (folder / name).unlink(missing_ok=True)
+    for name in names:
+        if name != CONFIG and (staging / name).exists():
+            os.replace(staging / name, folder / name)
+    if CONFIG in names:
+        _fsync(folder)
+        os.replace(staging / CONFIG, folder / CONFIG)  # the commit point
+    _fsync(folder)
+    shutil.rmtree(staging)
 
-    With ``keep_previous``, files of the current version that ``staged`` does not rewrite are hard-linked into the
-    new one (weight files only when ``staged`` writes none). Staged subfolders are refused: versions hold files.
-    """
-    staged, folder = Path(staged), Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    names = sorted(os.listdir(staged))
-    folders = [n for n in names if (staged / n).is_dir()]
-    if folders:
-        raise ValueError(f"a model version holds files only, got the folder(s) {folders} in {staged}")
-    every = [*names, *_carried(current_version(folder), names, keep_previous)]
-    collisions = [n for n in every if os.path.lexists(folder / n) and not is_published_link(folder / n)]
-    for name in collisions:
-        if (folder / name).is_dir() and not (folder / name).is_symlink():
-            raise IsADirectoryError(errno.EISDIR, f"a folder is in the way of the model file {name}",
-                                    str(folder / name))
-    if collisions:
-        _adopt(folder, collisions)
-    previous = current_version(folder)
-    for name in _carried(previous, names, keep_previous):
-        _hard_link_or_copy(previous / name, staged / name)
-    version = _make_current(staged, folder)
-    clean_model_leftovers(folder)
-    return version
+
+def finish_publish(folder: str | os.PathLike) -> str | None:
+    """Settle what a killed publish left in ``folder``: "finished" (rolled forward), "discarded" (rolled back), or
+    None (nothing was left). See the module docstring for the rule."""
+    folder = Path(folder)
+    staging = folder / STAGING_DIR
+    if not staging.is_dir():
+        return None
+    try:
+        plan = read_json(staging / MANIFEST)
+    except FileNotFoundError:
+        shutil.rmtree(staging)
+        return "discarded"
+    except (OSError, ValueError) as error:
+        raise OSError(f"{staging / MANIFEST} cannot be read ({error}): the save into {folder} cannot be completed; "
+                      f"save the model again after deleting {staging}") from error
+    _install(staging, folder, plan)
+    return "finished"
 
 
 @contextlib.contextmanager
-def staged_files(folder: str | os.PathLike, keep_previous: bool = True) -> Iterator[Path]:
-    """A fresh staging folder to write a model into; when the block completes, its files become the current model
-    of ``folder`` at once (:func:`publish_version`). Whatever happens, the staging folder is then removed, so a
-    failed or killed save leaves the previous model as it was.
-
-    Nested blocks write into the outer staging folder (``staged_files(staged)`` yields ``staged``), so
-    ``with staged_files(out) as staged: model.save_pretrained(staged); processor.save_pretrained(staged)`` publishes
-    weights and processor together although ``save_pretrained`` stages on its own.
-    """
+def staged_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """An empty staging folder to write a model into (``model.save_pretrained(staged)``, the processor, the card,
+    run files); when the block completes, its files replace those of ``folder`` together (see the module
+    docstring). A block that raises leaves ``folder`` as it was."""
     folder = Path(folder)
-    if folder.resolve() in _open_stagings:
-        yield folder
-        return
     folder.mkdir(parents=True, exist_ok=True)
-    clean_model_leftovers(folder)
-    staged = Path(tempfile.mkdtemp(dir=folder, prefix=VERSION_PREFIX, suffix=STAGING_SUFFIX))
-    key = staged.resolve()
-    _open_stagings.add(key)
+    finish_publish(folder)
+    staging = folder / STAGING_DIR
+    staging.mkdir()
     try:
-        yield staged
-        publish_version(staged, folder, keep_previous=keep_previous)
-    finally:
-        _open_stagings.discard(key)
-        shutil.rmtree(staged, ignore_errors=True)
+        yield staging
+        plan = _plan(staging, folder)
+        atomic_write_json(staging / MANIFEST, plan)  # the decision: from here on the publish goes forward
+    except BaseException:
+        if not (staging / MANIFEST).exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync(staging)
+    _install(staging, folder, plan)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m nasiam_hf.fileio FOLDER...``: finish (or discard) an interrupted save into each folder."""
+    import sys
+
+    folders = sys.argv[1:] if argv is None else argv
+    if not folders:
+        raise SystemExit("usage: python -m nasiam_hf.fileio FOLDER [FOLDER ...]")
+    for folder in folders:
+        outcome = finish_publish(folder)
+        print({"finished": f"{folder}: the interrupted save was completed",
+               "discarded": f"{folder}: the unfinished save was discarded; the folder holds what it held before",
+               None: f"{folder}: no unfinished save"}[outcome])
+
+
+if __name__ == "__main__":
+    main()

@@ -275,7 +275,7 @@ def write_finetune_outputs(model, history: dict, output_dir: Path, command: Fine
     from .processing import save_image_processor
 
     eval_results = finetune_eval_results(history, command, splits)
-    with staged_files(output_dir) as staged:  # one version: the old classifier or the new one, never a mix
+    with staged_files(output_dir) as staged:  # together: the old classifier or the new one, never a mix
         model.save_pretrained(staged)
         save_image_processor(staged, splits)
         atomic_write_json(staged / HISTORY_FILE, history)

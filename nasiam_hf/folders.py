@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DamagedCheckpointError, FolderKindError, did_you_mean
+from .fileio import publish_problem
 from .presets import PRESETS
 
 CHECKPOINT_DIR = "checkpoints"
@@ -69,6 +70,7 @@ class FolderKind(enum.Enum):
     OTHER_MODEL = "a model of another kind"
     OTHER_FILES = "a folder of other files"
     DAMAGED = "a NASiam folder that cannot be read"
+    PUBLISHING = "a model folder whose last save did not finish"
 
 
 @dataclass(frozen=True)
@@ -96,29 +98,18 @@ def checkpoint_step(path: Path) -> int:
 
 
 def safetensors_problem(path: str | os.PathLike) -> str | None:
-    """What is wrong with a ``.safetensors`` file (truncated, not safetensors), or None. Reads the header only."""
+    """What is wrong with a ``.safetensors`` file, or None: ``safe_open`` reads its header and checks that the
+    tensors it describes cover the file exactly (a truncated or padded file fails)."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if length < 2 or length > size - 8:
-                return f"{path.name} is truncated or not a safetensors file ({size} bytes)"
-            header = json.loads(f.read(length))
+        with safe_open(os.fspath(path), framework="np"):
+            return None
+    except SafetensorError as error:
+        return f"{path.name} is truncated or corrupted ({path.stat().st_size} bytes; {error})"
     except OSError as error:
         return f"{path.name} cannot be read ({error.strerror or error})"
-    except (ValueError, UnicodeDecodeError):
-        return f"{path.name} is corrupted (its header is not valid JSON)"
-    if not isinstance(header, dict):
-        return f"{path.name} is corrupted (its header is not a JSON object)"
-    try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (KeyError, TypeError, ValueError, IndexError):
-        return f"{path.name} is corrupted (its header has no valid data offsets)"
-    if 8 + length + end != size:
-        return f"{path.name} is truncated or corrupted ({size} bytes where its header describes {8 + length + end})"
-    return None
 
 
 def read_trainer_state(checkpoint: str | os.PathLike) -> dict:
@@ -240,6 +231,10 @@ def inspect_path(path: str | os.PathLike) -> FolderInfo:
         return FolderInfo(path, FolderKind.MISSING, "nothing: no such file or folder")
     if not path.is_dir():
         return FolderInfo(path, FolderKind.FILE, f"a file ({path.name})")
+    problem = publish_problem(path)
+    if problem:
+        return FolderInfo(path, FolderKind.PUBLISHING, "a model folder whose last save did not finish (interrupted, "
+                                                        "or still running)", problem=problem)
     names = set(os.listdir(path))
     visible = sorted(n for n in names if not n.startswith("."))
     if TRAINER_STATE_FILE in names or (path.parent.name == CHECKPOINT_DIR and checkpoint_step(path) >= 0):
@@ -354,6 +349,9 @@ def _advice(info: FolderInfo, use: str) -> str:
                 "nasiam_hf.export.import_torchvision, or the authors' checkpoints with `nasiam-convert official`")
     if kind is FolderKind.DAMAGED:
         return f"{info.problem}; save or download it again"
+    if kind is FolderKind.PUBLISHING:
+        return (f"if the save was interrupted, complete it with `python -m nasiam_hf.fileio {path}` (the next run "
+                "writing there does it too)")
     return "pass a folder written by nasiam_hf"
 
 
@@ -404,11 +402,11 @@ def require_checkpoint(path: str | os.PathLike, flag: str = "--resume_from_check
 
 
 def require_exportable_checkpoint(path: str | os.PathLike, flag: str = "CHECKPOINT") -> FolderInfo:
-    """An intact checkpoint that carries its model's config.json (written since the checkpointer stores it)."""
+    """An intact checkpoint that carries its model's config.json (naming the model class in ``architectures``)."""
     info = require_checkpoint(path, flag)
     if info.config is None or info.config.get("model_type") != "nasiam":
-        raise FolderKindError(f"{flag} {str(info.path)!r} has no NASiam {CONFIG_FILE} (checkpoints written before "
-                              "nasiam-hf stored it cannot be exported): resume the run to its end instead, with "
+        raise FolderKindError(f"{flag} {str(info.path)!r} has no NASiam {CONFIG_FILE}, so the model it holds is "
+                              "unknown: resume the run to its end instead, with "
                               f"--output_dir {info.path.parent.parent} --resume_from_checkpoint latest")
     architecture = (info.config.get("architectures") or [None])[0]
     if architecture not in RUN_OF_ARCHITECTURE:
@@ -418,10 +416,11 @@ def require_exportable_checkpoint(path: str | os.PathLike, flag: str = "CHECKPOI
 
 
 def require_model_output(path: str | os.PathLike, flag: str = "OUTPUT") -> FolderInfo:
-    """A folder a model may be written into: new, empty, or holding a NASiam model or search result (replaced)."""
+    """A folder a model may be written into: new, empty, or holding a NASiam model or search result (replaced), or
+    one whose last save did not finish."""
     info = inspect_path(path)
     if info.kind in (FolderKind.MISSING, FolderKind.EMPTY, FolderKind.MODEL, FolderKind.SEARCH_OUTPUT,
-                     FolderKind.CONFIG_ONLY):
+                     FolderKind.CONFIG_ONLY, FolderKind.PUBLISHING):  # a save settles an unfinished one first
         return info
     raise FolderKindError(f"{flag} {str(info.path)!r} holds {info.what}; writing a model there would mix them: "
                           "choose a new or empty folder")

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .arguments import LinearEvalCommand
-from .fileio import atomic_write_json, read_json
+from .fileio import atomic_write_bytes, atomic_write_json, read_json
 from .folders import require_model
 from .modeling_nasiam import NASiamModel
 
@@ -138,8 +138,8 @@ def run_linear_eval(command: LinearEvalCommand) -> dict:
     if accelerator.is_main_process:
         merged = merge_eval_results(output_dir, results)
         atomic_write_json(output_dir / "linear_probe_history.json", history)
-        save_file({k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()},
-                  str(output_dir / "linear_probe.safetensors"))
+        atomic_write_bytes(output_dir / "linear_probe.safetensors",
+                           save({k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}))
         if (output_dir / "config.json").exists():
             refresh_model_card(output_dir, model.config, merged, splits.name)
         accelerator.print(f"results written to {output_dir / EVAL_RESULTS}")

@@ -22,14 +22,10 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import ModelOutput
 
-try:  # transformers >= 5.20 moved the backbone helpers to the top level
-    from transformers.backbone_utils import BackboneMixin
-except ImportError:  # pragma: no cover - older 5.x
-    from transformers.utils.backbone_utils import BackboneMixin
-
+from transformers.backbone_utils import BackboneMixin
 from .backbones import build_trunk, is_last_residual_norm
 from .configuration_nasiam import NASiamConfig
-from .fileio import staged_files
+from .fileio import publish_problem
 from .heads import MLPHead, SearchCell
 from .objectives import (
     MoCoQueue,
@@ -70,7 +66,10 @@ class NASiamPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """``PreTrainedModel.from_pretrained`` that reads only safetensors (nothing is unpickled) and says plainly
-        when the weights file is damaged."""
+        when the weights file is damaged or a save into the folder did not finish."""
+        problem = publish_problem(pretrained_model_name_or_path)
+        if problem:
+            raise OSError(problem)
         kwargs.setdefault("use_safetensors", True)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -80,17 +79,11 @@ class NASiamPreTrainedModel(PreTrainedModel):
                 f"truncated or corrupted ({error}). Save the model again, or delete the file and download it again."
             ) from error
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained`` through a staging folder: a kill mid-save leaves the old files intact.
-
-        The config's ``auto_map`` names every registered head class, so the folder also loads with
-        ``trust_remote_code=True`` where nasiam_hf is not installed.
-        """
-        if kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
-            return super().save_pretrained(save_directory, *args, **kwargs)
+    def post_init(self):
+        """transformers' ``post_init``; the config's ``auto_map`` names every registered head class, so a saved
+        folder also loads with ``trust_remote_code=True`` where nasiam_hf is not installed."""
+        super().post_init()
         self.config.auto_map = auto_map()
-        with staged_files(save_directory) as staged:
-            super().save_pretrained(staged, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise what this package builds: the torchvision trunk, the heads, the alphas and the MoCo queue.
@@ -439,8 +432,6 @@ class NASiamBackbone(BackboneMixin, NASiamPreTrainedModel):
 
     def __init__(self, config: NASiamConfig):
         super().__init__(config)
-        if getattr(self, "stage_names", None) is None and hasattr(self, "_init_backbone"):  # mixins of older 5.x
-            self._init_backbone(config)
         self.backbone = build_trunk(config, serve_stages=True)
         self.num_features = list(self.backbone.stage_channels)
         self.post_init()

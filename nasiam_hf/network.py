@@ -1,35 +1,42 @@
-"""Is the Hugging Face Hub reachable? Two small answers shared by the data layer and the Hub code.
+"""Is the Hugging Face Hub reachable? huggingface_hub's answers, shared by the data layer and the Hub code.
 
 Kept apart from both so that neither imports the other for them (no import circle).
 """
 
 from __future__ import annotations
 
-import os
-
-# Names of the exception classes (anywhere in an error's chain) that mean "the Hub could not be reached".
-CONNECTION_ERROR_NAMES = frozenset({
-    "OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError", "ConnectTimeout", "ConnectionError", "Timeout",
-})
+import importlib
+import socket
 
 
-def offline_mode(*env_vars: str) -> bool:
-    """Whether Hugging Face offline mode is on: huggingface_hub's ``HF_HUB_OFFLINE``, or ``HF_HUB_OFFLINE`` and
-    ``env_vars`` in the environment now (the libraries read them only when imported)."""
-    from huggingface_hub import constants
+def offline_mode() -> bool:
+    """huggingface_hub's offline mode (``HF_HUB_OFFLINE``, read when huggingface_hub is imported)."""
+    from huggingface_hub import is_offline_mode
 
-    flags = (os.environ.get(name, "").strip().upper() for name in ("HF_HUB_OFFLINE", *env_vars))
-    return bool(constants.HF_HUB_OFFLINE) or any(flag in {"1", "ON", "YES", "TRUE"} for flag in flags)
+    return is_offline_mode()
+
+
+def connection_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the Hub could not be reached": huggingface_hub's offline error (a
+    ``ConnectionError``) and its error for a file neither cached nor reachable, the transport errors of the HTTP
+    client huggingface_hub uses (``httpx`` in 1.x, ``httpx2`` in 2.x: the module of ``get_session()``), and the
+    standard library's (DNS failures, refused connections, timeouts; datasets re-raises Hub failures as
+    ``ConnectionError``)."""
+    from huggingface_hub import get_session
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    packages = (importlib.import_module(c.__module__.split(".")[0]) for c in type(get_session()).__mro__)
+    transport = next((p.TransportError for p in packages if hasattr(p, "TransportError")), ConnectionError)
+    return ConnectionError, TimeoutError, socket.gaierror, LocalEntryNotFoundError, transport
 
 
 def is_connection_error(error: BaseException | None) -> bool:
     """True when any error in the chain (causes and contexts) says the Hub could not be reached, offline mode
     included."""
-    seen = set()
+    kinds, seen = connection_errors(), set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        names = {cls.__name__ for cls in type(error).__mro__}
-        if isinstance(error, ConnectionError) or names & CONNECTION_ERROR_NAMES:
+        if isinstance(error, kinds):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -54,4 +61,4 @@ def not_local_nor_cached(name: str, flag: str, filename: str = "config.json", ca
             "check the path, or run once with the network on to download it")
 
 
-__all__ = ["CONNECTION_ERROR_NAMES", "is_connection_error", "not_local_nor_cached", "offline_mode"]
+__all__ = ["connection_errors", "is_connection_error", "not_local_nor_cached", "offline_mode"]

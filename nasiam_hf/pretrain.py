@@ -204,7 +204,7 @@ def write_pretraining_outputs(model: NASiamForPreTraining, history: dict, output
                               command: PretrainCommand, plan: PretrainPlan, splits, processor,
                               starting_point: dict | None = None) -> None:
     """The model folder (weights, config, processor), history, plots, the run record and the model card, published
-    as one version (:func:`~nasiam_hf.fileio.staged_files`): a reader sees the old model or the new one."""
+    together (:func:`~nasiam_hf.fileio.staged_files`): a reader sees the old model or the new one, never a mix."""
     from .hub import plot_genotype, plot_training_history, save_run_metadata, write_model_card
 
     eval_path = output_dir / "eval_results.json"

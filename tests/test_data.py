@@ -16,7 +16,6 @@ from nasiam_hf.data import (
     ViewDataset,
     build_transform,
     collate_views,
-    find_epoch_sampler,
     load_image_splits,
     make_loader,
     set_loader_epoch,
@@ -468,7 +467,10 @@ def test_loaders_reproducible_across_constructions_and_workers(tiny_splits):
 
 
 def test_set_epoch_reaches_sampler_through_accelerate(tiny_splits):
+    """Accelerate's set_epoch reaches the EpochSampler on one rank and on several, and survives skip_first_batches
+    (the mid-epoch resume): the same batches as a plain loader of that epoch."""
     from accelerate import Accelerator
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
     from accelerate.state import AcceleratorState
 
     views = ViewDataset(tiny_splits.train, "two_view", tiny_splits.transform("ssl"), seed=5)
@@ -477,17 +479,22 @@ def test_set_epoch_reaches_sampler_through_accelerate(tiny_splits):
     expected = _batches(plain)
     try:
         accelerator = Accelerator(cpu=True)
-        prepared = accelerator.prepare(
-            make_loader(views, batch_size=6, shuffle=True, seed=5, num_workers=0)
-        )
-        sampler = find_epoch_sampler(prepared)
-        assert isinstance(sampler, EpochSampler)
-        assert set_loader_epoch(prepared, 3) is sampler
-        got = _batches(prepared)  # DataLoaderShard.__iter__ re-applies its iteration counter: must be 3 too
-        assert sampler.epoch == 3
-        _assert_same_batches(expected, got)
+        prepared = accelerator.prepare(make_loader(views, batch_size=6, shuffle=True, seed=5, num_workers=0))
+        set_loader_epoch(prepared, 3)
+        _assert_same_batches(expected, _batches(prepared))  # DataLoaderShard.__iter__ re-applies epoch 3
+        set_loader_epoch(prepared, 3)
+        _assert_same_batches(expected[1:], _batches(accelerator.skip_first_batches(prepared, 1)))
     finally:
         AcceleratorState._reset_state(True)
+    for rank in range(2):  # the second rank of two: every other batch of the same epoch order
+        shard = prepare_data_loader(make_loader(views, batch_size=3, shuffle=True, seed=5, num_workers=0),
+                                    num_processes=2, process_index=rank, put_on_device=False)
+        set_loader_epoch(shard, 3)
+        ranks = _batches(shard)
+        assert torch.cat([b["index"] for b in ranks]).tolist() == torch.cat(
+            [b["index"][rank * 3:rank * 3 + 3] for b in expected]).tolist()
+        set_loader_epoch(shard, 3)
+        _assert_same_batches(ranks[1:], _batches(skip_first_batches(shard, 1)))
 
 
 def test_batch_larger_than_dataset_with_drop_last(tiny_splits):

@@ -1,6 +1,7 @@
 """Faults injected from outside: SIGKILL at seeded-random moments of a pretraining and of a search, each time resumed
-with ``--resume_from_checkpoint latest``, ends bit-identical to an uninterrupted run; ``save_pretrained`` killed at
-its filesystem operations always leaves a folder that loads the old model or the new one.
+with ``--resume_from_checkpoint latest``, ends bit-identical to an uninterrupted run; a model save (``save_pretrained``
+into :func:`~nasiam_hf.fileio.staged_files`) killed at any of its filesystem operations leaves a folder that loads the
+old model or the new one, or refuses in one line until the next start settles it.
 
 The kill-during-save worker runs in a subprocess started from this file (``python tests/test_fault_injection.py``):
 it builds the models once, then forks one child per kill point; the child counts its filesystem operations in the
@@ -20,8 +21,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, run_cli, write_image_parquet
 
-WRITE_EVENTS = {"open", "os.rename", "os.symlink", "os.link", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree",
-                "os.truncate", "os.chmod", "shutil.copyfile"}
+from nasiam_hf.errors import UsageError
+
+WRITE_EVENTS = {"open", "os.rename", "os.link", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.truncate",
+                "os.chmod", "shutil.copyfile"}
 SAVE_SCENARIOS = ("replace", "first")  # a save over an existing model, and the first save into an empty folder
 
 
@@ -44,18 +47,21 @@ def _writes(event: str, args: tuple, folder: str) -> bool:
 def _save_and_die(model, folder: Path, kill_at: int) -> None:
     """In a forked child: save ``model`` into ``folder``, SIGKILLing this process at its ``kill_at``-th write (0:
     never); when it survives, lists the writes it made in ``folder.events.json``."""
+    from nasiam_hf.fileio import staged_files
+
     events = []
     prefix = str(folder)
 
     def hook(event, args):
         if _writes(event, args, prefix):
-            names = [os.path.basename(a) for a in args[:2] if isinstance(a, str)]
+            names = [os.path.basename(os.fsdecode(a)) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
             events.append(" ".join([event, *names]))
             if len(events) == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     sys.addaudithook(hook)
-    model.save_pretrained(folder)
+    with staged_files(folder) as staged:
+        model.save_pretrained(staged)
     Path(f"{folder}.events.json").write_text(json.dumps(events))
 
 
@@ -93,23 +99,30 @@ def save_worker(work: Path, scenario: str, points: int, seed: int) -> None:
 
     run(0, work / "dry-run")
     events = json.loads(Path(f"{work / 'dry-run'}.events.json").read_text())
-    switch = next(i for i, e in enumerate(events, 1) if e.startswith("os.rename") and e.endswith(" .model-current"))
-    # seeded-random points, plus the writes on either side of the switch and the last one
+    decided = next(i for i, e in enumerate(events, 1) if e.startswith("os.rename ") and e.endswith(" publish.json"))
+    commit = next(i for i, e in enumerate(events, 1) if e == "os.rename config.json config.json")
+    # seeded-random points, plus the writes on either side of the decision and of the commit point, and the last one
     chosen = set(random.Random(seed).sample(range(1, len(events) + 1), min(points, len(events))))
-    chosen |= {switch - 1, switch, switch + 1, len(events)}
+    chosen |= {decided - 1, decided, decided + 1, commit - 1, commit, commit + 1, len(events)}
     killed = {n: os.WIFSIGNALED(run(n, work / f"kill-{n:03d}")) for n in sorted(chosen)}
-    (work / "report.json").write_text(json.dumps({"events": events, "switch": switch, "killed": killed}))
+    (work / "report.json").write_text(json.dumps({"events": events, "decided": decided, "commit": commit,
+                                                  "killed": killed}))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# save_pretrained killed between any two of its filesystem operations
+# A model save killed between any two of its filesystem operations
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow  # about 30-40 s each: one subprocess, some twenty forked saves of a ResNet-18 model
 @pytest.mark.parametrize("scenario", SAVE_SCENARIOS)
 def test_a_killed_save_always_leaves_a_folder_that_loads(tmp_path, scenario):
+    """Each kill point leaves the old model, the new one, or a folder every reader refuses in one line; the next
+    start (``finish_publish``) then rolls forward exactly the kills after publish.json was written, back the others;
+    the files beside the model are never touched, and no entry is ever a link."""
     import torch
 
     from nasiam_hf import NASiamConfig, NASiamModel
+    from nasiam_hf.fileio import finish_publish
+    from nasiam_hf.folders import require_model
 
     result = run_cli([sys.executable, __file__, "save", str(tmp_path), scenario, "16", "5"],
                      env={"OMP_NUM_THREADS": "1"}, timeout=900)
@@ -117,31 +130,40 @@ def test_a_killed_save_always_leaves_a_folder_that_loads(tmp_path, scenario):
     report = json.loads((tmp_path / "report.json").read_text())
     references = torch.load(tmp_path / "references.pt", weights_only=True)
     assert len(report["events"]) >= 20 and all(report["killed"].values()), report  # each child died at its point
-    seen = {}
-    for name in sorted(report["killed"], key=int):
-        folder = tmp_path / f"kill-{int(name):03d}"
-        assert (folder / "run_args.json").read_text() == "{}"
-        if not (folder / "config.json").exists():
-            assert scenario == "first" and not (folder / "model.safetensors").exists(), name
-            seen[name] = "none"
-            continue
-        weights = NASiamModel.from_pretrained(folder).state_dict()
+    before = "old" if scenario == "replace" else "none"
+
+    def model_in(folder: Path) -> str:
+        """Which whole model ``folder`` loads ("none": refused in one line)."""
+        try:
+            weights = NASiamModel.from_pretrained(folder).state_dict()
+        except OSError as refusal:
+            assert "\n" not in str(refusal)
+            with pytest.raises(UsageError):
+                require_model(folder)
+            return "none"
         framework = NASiamConfig.from_pretrained(folder).framework
         matches = [k for k, ref in references.items()
                    if ref.keys() == weights.keys() and all(torch.equal(ref[t], weights[t]) for t in ref)]
-        assert matches and framework == {"old": "simsiam", "new": "byol"}[matches[0]], (name, framework, matches)
-        if matches[0] == "old":
-            assert (folder / "README.md").read_text() == "the old card"
-        seen[name] = matches[0]
-    before = "old" if scenario == "replace" else "none"
-    assert set(seen.values()) == {before, "new"}, seen  # the kill points fall on both sides of the switch
-    assert list(seen.values()) == sorted(seen.values(), key=[before, "new"].index)  # never back to the old one
-    # the next save cleans whatever a killed one left
-    last_old = max((n for n, v in seen.items() if v == before), key=int)
-    folder = tmp_path / f"kill-{int(last_old):03d}"
-    NASiamModel(NASiamConfig(image_size=8)).save_pretrained(folder)
-    hidden = sorted(p for p in os.listdir(folder) if p.startswith("."))
-    assert len(hidden) == 2 and os.readlink(folder / ".model-current") == hidden[0], hidden
+        assert matches and framework == {"old": "simsiam", "new": "byol"}[matches[0]], (folder, framework, matches)
+        return matches[0]
+
+    seen, settled = {}, {}
+    for name in sorted(report["killed"], key=int):
+        folder = tmp_path / f"kill-{int(name):03d}"
+        assert (folder / "run_args.json").read_text() == "{}"
+        seen[name] = model_in(folder)  # killed before its name-th write: the ones before it were done
+        expected = before if int(name) <= report["decided"] else "none" if int(name) <= report["commit"] else "new"
+        assert seen[name] == expected, (name, report["decided"], report["commit"])
+        finish_publish(folder)  # the next start
+        settled[name] = model_in(folder)
+        assert settled[name] == (before if int(name) <= report["decided"] else "new"), (name, report["decided"])
+        if scenario == "replace":
+            assert (folder / "README.md").read_text() == "the old card"  # the new save writes no card: kept
+        for root, dirs, files in os.walk(folder):
+            assert not any(os.path.islink(os.path.join(root, n)) for n in dirs + files)
+        assert not any(n.startswith(".") for n in os.listdir(folder)), os.listdir(folder)
+    assert set(settled.values()) == {before, "new"}, settled  # the kill points fall on both sides of the decision
+    assert set(seen.values()) == {before, "none", "new"}, seen
 
 
 # ---------------------------------------------------------------------------------------------------------------------

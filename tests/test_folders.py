@@ -85,10 +85,29 @@ def kinds(tmp_path_factory):
     made["damaged_model"] = root / "damaged"
     NASiamModel(NASiamConfig(**SMALL)).save_pretrained(made["damaged_model"])
     weights = made["damaged_model"] / "model.safetensors"
-    data = weights.read_bytes()
-    weights.unlink()  # a published link: replace it by a truncated regular file
-    weights.write_bytes(data[: len(data) // 3])
+    weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 3])
+    made["publishing"] = root / "publishing"
+    interrupted_save(made["publishing"])
     return made
+
+
+def interrupted_save(folder):
+    """A model folder whose second save was interrupted at its commit point (the new config.json moved in): the
+    real publish, with os.replace failing there."""
+    from nasiam_hf import fileio
+
+    NASiamModel(NASiamConfig(**SMALL)).save_pretrained(folder)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "config.json":
+            raise KeyboardInterrupt("killed at the commit point")
+        return real_replace(src, dst)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fileio.os, "replace", replace)
+        with pytest.raises(KeyboardInterrupt), fileio.staged_files(folder) as staged:
+            NASiamModel(NASiamConfig(**SMALL, framework="byol")).save_pretrained(staged)
 
 
 EXPECTED = {
@@ -98,6 +117,7 @@ EXPECTED = {
     "run_with_checkpoints": FolderKind.UNFINISHED_RUN, "checkpoint": FolderKind.CHECKPOINT,
     "checkpoints": FolderKind.CHECKPOINTS, "bert": FolderKind.OTHER_MODEL, "timm": FolderKind.OTHER_MODEL,
     "weights_only": FolderKind.OTHER_MODEL, "other_files": FolderKind.OTHER_FILES, "damaged_model": FolderKind.DAMAGED,
+    "publishing": FolderKind.PUBLISHING,
 }
 
 
@@ -151,6 +171,9 @@ def test_messages_say_what_to_do(kinds):
         require_model(kinds["search_output"])
     with pytest.raises(FolderKindError, match=r"has no model.safetensors"):
         require_model(kinds["config_only"])
+    with pytest.raises(FolderKindError, match=r"last save did not finish \(interrupted, or still running\): if the "
+                                              r"save was interrupted, complete it with `python -m nasiam_hf.fileio "):
+        require_model(kinds["publishing"])
     with pytest.raises(FolderKindError, match=r"nasiam-convert official"):
         require_genotype_source(kinds["weights_only"] / "checkpoint_0799.pth.tar")
     with pytest.raises(FolderKindError, match=r"presets: \[.*simsiam-cifar10-resnet18"):
@@ -202,16 +225,20 @@ def test_safetensors_damage_is_found_from_the_header(tmp_path):
     save_file({"a": torch.ones(64)}, path)
     assert safetensors_problem(path) is None
     data = path.read_bytes()
-    for damaged, words in ((data[:-1], "truncated or corrupted"), (data[:4], "truncated or not a safetensors"),
-                           (b"\x10" + b"\x00" * 7 + b"x" * 16 + data[24:], "not valid JSON"),
-                           (b"garbage" * 10, "truncated or not a safetensors")):
+    for damaged, reason in ((data[:-1], "not fully covered"), (data + b"\0", "not fully covered"),
+                            (data[:4], "header too small"), (b"\x10" + b"\x00" * 7 + b"x" * 16 + data[24:], "header"),
+                            (b"garbage" * 10, "header too large")):
         path.write_bytes(damaged)
-        assert words in safetensors_problem(path)
+        problem = safetensors_problem(path)
+        assert problem.startswith(f"w.safetensors is truncated or corrupted ({len(damaged)} bytes; ") and reason in \
+            problem, problem
+    path.unlink()
+    assert safetensors_problem(path).startswith("w.safetensors cannot be read (No such file or directory")
 
 
 def test_exporting_needs_a_checkpoint_with_its_config(tmp_path):
     path, _ = make_run_checkpoint(tmp_path / "old", with_model_config=False)
-    with pytest.raises(FolderKindError, match=r"has no NASiam config.json .*--resume_from_checkpoint latest"):
+    with pytest.raises(FolderKindError, match=r"has no NASiam config.json, .*--resume_from_checkpoint latest"):
         require_exportable_checkpoint(path)
     path, _ = make_run_checkpoint(tmp_path / "new")
     assert require_exportable_checkpoint(path).config["architectures"] == ["NASiamForPreTraining"]

@@ -161,11 +161,9 @@ def pretrain_cli(*args, env):
 
 
 def local_files(folder: Path, under: str = "") -> dict[str, bytes]:
-    """{path: bytes} of the files under ``folder`` as an upload sees them (the hidden model versions left out: the
-    published names at the top link into them)."""
+    """{path: bytes} of the files under ``folder``, as an upload sees them."""
     root = folder / under if under else folder
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not any(part.startswith(".model-") for part in p.relative_to(folder).parts)}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow  # two tiny pretraining subprocesses (each imports torch and the package): about 30-60 s

@@ -120,7 +120,7 @@ def test_overwrite_deletes_what_runs_write_and_keeps_the_rest(tmp_path, checkpoi
     (out / "training_history.json").write_text("{}")
     (out / "my_notes.txt").write_text("keep me")
     (out / "data").mkdir()
-    (out / ".model-000099.tmp").mkdir()  # a staging folder left by a killed save
+    (out / ".nasiam-publish.tmp").mkdir()  # a staging folder left by a killed save (before it was decided)
     plan = decide(out, learning_rate=0.1, overwrite=True)
     assert plan.action == "overwrite"
     assert "deleting" in plan.message and "checkpoints/" in plan.message and "model.safetensors" in plan.message

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from conftest import run_cli
-from PIL import Image
 from transformers import BertConfig
 
 from nasiam_hf import NASiamConfig, NASiamModel
@@ -191,147 +190,100 @@ def test_bad_flag_values_end_with_one_line_errors(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# One atomic publish: model files in a versioned subfolder, made current by one os.replace
+# One publish of plain files: config.json deleted first and moved in last
 # ---------------------------------------------------------------------------------------------------------------------
 def weights_of(folder):
     return NASiamModel.from_pretrained(folder).state_dict()
-
-
-def one_current_version(folder) -> bool:
-    """Only ``.model-current`` and the version it points to are hidden in ``folder`` (no leftovers)."""
-    hidden = sorted(p for p in os.listdir(folder) if p.startswith("."))
-    return len(hidden) == 2 and os.readlink(Path(folder) / ".model-current") == hidden[0]
 
 
 def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_saves_publish_whole_versions_and_leave_other_files(tmp_path):
-    from nasiam_hf.fileio import CURRENT_LINK, current_version, is_published_link
+def assert_plain(folder):
+    """No entry under ``folder`` is a link, and no save left a staging folder or a temporary file."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            assert not os.path.islink(os.path.join(root, name)), os.path.join(root, name)
+            assert not name.endswith(".tmp"), os.path.join(root, name)
+
+
+def test_saves_publish_plain_files_and_leave_other_files(tmp_path):
+    from nasiam_hf.fileio import staged_files
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "run_args.json").write_text("{}")
-    first = NASiamModel(NASiamConfig(image_size=8))
-    first.save_pretrained(tmp_path)
+    with staged_files(tmp_path) as staged:
+        NASiamModel(NASiamConfig(image_size=8)).save_pretrained(staged)
+        (staged / "README.md").write_text("the card")
     second = NASiamModel(NASiamConfig(image_size=8, framework="byol"))
-    second.save_pretrained(tmp_path)
-    assert os.readlink(tmp_path / CURRENT_LINK) == ".model-000002"
-    version_files = sorted(os.listdir(current_version(tmp_path)))
-    assert {"config.json", "model.safetensors", "modeling_nasiam.py"} <= set(version_files)
-    assert all(is_published_link(tmp_path / name) for name in version_files)
-    hidden = sorted(p for p in os.listdir(tmp_path) if p.startswith("."))
-    assert hidden == [".model-000002", CURRENT_LINK]  # the old version and the staging folder are gone
-    assert sorted(set(os.listdir(tmp_path)) - set(version_files) - set(hidden)) == ["checkpoints", "run_args.json"]
+    with staged_files(tmp_path) as staged:
+        second.save_pretrained(staged)
+    names = sorted(os.listdir(tmp_path))
+    assert {"config.json", "model.safetensors", "modeling_nasiam.py", "README.md", "run_args.json"} <= set(names)
+    assert not [n for n in names if n.startswith(".")]
+    assert_plain(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "the card"  # not rewritten by the second save: kept
+    assert (tmp_path / "run_args.json").read_text() == "{}" and (tmp_path / "checkpoints").is_dir()
     assert same_weights(weights_of(tmp_path), second.state_dict())
     assert NASiamConfig.from_pretrained(tmp_path).framework == "byol"
 
 
-def test_a_card_refresh_links_the_weights_instead_of_copying(tmp_path):
+def test_a_card_refresh_replaces_the_card_alone(tmp_path):
     from nasiam_hf.fileio import atomic_write_text, staged_files
 
     model = NASiamModel(NASiamConfig(image_size=8))
-    with staged_files(tmp_path) as staged:  # model, processor and card published together
+    with staged_files(tmp_path) as staged:
         model.save_pretrained(staged)
         (staged / "README.md").write_text("old card")
-    assert len([p for p in os.listdir(tmp_path) if p.startswith(".model-0")]) == 1  # one version, not two
     inode = os.stat(tmp_path / "model.safetensors").st_ino
-    atomic_write_text(tmp_path / "README.md", "new card")  # goes through a new version
-    assert os.readlink(tmp_path / ".model-current") == ".model-000002"
+    atomic_write_text(tmp_path / "README.md", "new card")
     assert (tmp_path / "README.md").read_text() == "new card"
-    assert os.stat(tmp_path / "model.safetensors").st_ino == inode  # the same file: linked, not copied
+    assert os.stat(tmp_path / "model.safetensors").st_ino == inode  # the weights were not touched
+    assert_plain(tmp_path)
     assert same_weights(weights_of(tmp_path), model.state_dict())
 
 
 def test_a_save_that_fails_before_the_switch_leaves_the_previous_model(tmp_path, monkeypatch):
+    """Stopped before publish.json exists: the old model stays, nothing is left. Stopped at the commit point (the
+    new config.json moving in): every reader refuses in one line until the next save or run start completes it."""
     from nasiam_hf import fileio
+    from nasiam_hf.folders import FolderKind, inspect_path, require_model
 
     model = NASiamModel(NASiamConfig(image_size=8))
-    model.save_pretrained(tmp_path)
+    with fileio.staged_files(tmp_path) as staged:
+        model.save_pretrained(staged)
     before = weights_of(tmp_path)
     real_replace = os.replace
+    stop_at = {}
 
     def replace(src, dst):
-        if os.path.basename(dst) == fileio.CURRENT_LINK:
-            raise KeyboardInterrupt("killed just before the switch")
+        if os.path.basename(dst) == stop_at["name"]:
+            raise KeyboardInterrupt(f"killed at {dst}")
         return real_replace(src, dst)
 
     monkeypatch.setattr(fileio.os, "replace", replace)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    with pytest.raises(KeyboardInterrupt):
-        NASiamModel(NASiamConfig(image_size=8, framework="simclr")).save_pretrained(tmp_path)
+    new = NASiamModel(NASiamConfig(image_size=8, framework="simclr"))
+    stop_at["name"] = fileio.MANIFEST  # before the publish is decided
+    with pytest.raises(KeyboardInterrupt), fileio.staged_files(tmp_path) as staged:
+        new.save_pretrained(staged)
+    assert same_weights(weights_of(tmp_path), before) and NASiamConfig.from_pretrained(tmp_path).framework == "simsiam"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    stop_at["name"] = "config.json"  # decided: the old config.json is gone, the new one not in yet
+    with pytest.raises(KeyboardInterrupt), fileio.staged_files(tmp_path) as staged:
+        new.save_pretrained(staged)
     monkeypatch.undo()
-    assert same_weights(weights_of(tmp_path), before)
-    assert NASiamConfig.from_pretrained(tmp_path).framework == "simsiam"
-    leftovers = sorted(p for p in os.listdir(tmp_path) if p.startswith("."))
-    assert ".model-000002" in leftovers and os.readlink(tmp_path / ".model-current") == ".model-000001"  # stays...
-    model.save_pretrained(tmp_path)  # ...until the next save removes what the failed one left
-    assert one_current_version(tmp_path)
-    assert same_weights(weights_of(tmp_path), model.state_dict())
-
-
-def test_files_written_directly_are_adopted_without_a_visible_change(tmp_path):
-    """A folder of regular files (an older release, or a file written before the model) becomes versioned links."""
-    from nasiam_hf.fileio import is_published_link
-
-    old = NASiamModel(NASiamConfig(image_size=8))
-    old.save_pretrained(tmp_path / "v")
-    for item in (tmp_path / "v").iterdir():
-        if not item.name.startswith("."):
-            shutil.copyfile(item, tmp_path / item.name)  # the old layout: plain files
-    shutil.rmtree(tmp_path / "v")
-    new = NASiamModel(NASiamConfig(image_size=8))
-    new.save_pretrained(tmp_path)
-    assert is_published_link(tmp_path / "model.safetensors") and is_published_link(tmp_path / "config.json")
-    assert same_weights(weights_of(tmp_path), new.state_dict())
-    # a published file replaced by another tool's atomic write keeps its newer content through the next save
-    (tmp_path / "elsewhere.json").write_text('{"newer": true}')
-    os.replace(tmp_path / "elsewhere.json", tmp_path / "config.json")
-    NASiamModel(NASiamConfig(image_size=8)).save_pretrained(tmp_path)  # rewrites config.json: its version wins
-    assert NASiamConfig.from_pretrained(tmp_path).framework == "simsiam" and is_published_link(tmp_path / "config.json")
-    from nasiam_hf.fileio import staged_files
-
-    with staged_files(tmp_path) as staged:
-        (staged / "card.md").write_text("card")
-    (tmp_path / "new_card.md").write_text("edited card")
-    os.replace(tmp_path / "new_card.md", tmp_path / "card.md")  # the link replaced by a plain file
-    NASiamModel(NASiamConfig(image_size=8)).save_pretrained(tmp_path)  # card.md is carried over, not rewritten
-    assert (tmp_path / "card.md").read_text() == "edited card" and is_published_link(tmp_path / "card.md")
-
-
-def test_copies_pushes_and_loaders_see_the_resolved_files(tmp_path):
-    from huggingface_hub import HfApi
-    from transformers import AutoImageProcessor, pipeline
-
-    from nasiam_hf.fileio import HIDDEN_MODEL_PATTERNS, staged_files
-    from nasiam_hf.hub import DEFAULT_IGNORE_PATTERNS
-    from nasiam_hf.processing import image_processor_for_config
-
-    folder = tmp_path / "model"
-    model = NASiamModel(NASiamConfig(image_size=8)).eval()
-    for _ in range(2):  # two versions, so a stale one could show up if anything looked behind the links
-        with staged_files(folder) as staged:
-            model.save_pretrained(staged)
-            image_processor_for_config(model.config).save_pretrained(staged)
-    reference = model.state_dict()
-    shutil.copytree(folder, tmp_path / "followed")  # copies the link targets as files
-    shutil.copytree(folder, tmp_path / "kept", symlinks=True)
-    subprocess.run(["cp", "-r", str(folder), str(tmp_path / "cp")], check=True)
-    for copy in ("followed", "kept", "cp"):
-        assert same_weights(weights_of(tmp_path / copy), reference), copy
-    model.save_pretrained(tmp_path / "followed")  # saving into a plain copy works and cleans it up
-    assert one_current_version(tmp_path / "followed")
-    assert AutoImageProcessor.from_pretrained(folder).crop_size == {"height": 8, "width": 8}
-    features = pipeline("image-feature-extraction", model=str(folder), pool=True)(Image.new("RGB", (8, 8)))
-    assert len(features[0]) == model.config.hidden_size
-    # what huggingface_hub's upload_folder would send: the published files, resolved, and no hidden version
-    operations = HfApi()._prepare_upload_folder_additions(
-        folder, "", ignore_patterns=[*DEFAULT_IGNORE_PATTERNS, *HIDDEN_MODEL_PATTERNS])
-    sent = {op.path_in_repo: op.path_or_fileobj for op in operations}
-    assert sorted(sent) == sorted(p for p in os.listdir(folder) if not p.startswith("."))
-    assert Path(sent["model.safetensors"]).read_bytes() == (folder / "model.safetensors").read_bytes()
+    assert not (tmp_path / "config.json").exists()
+    for load in (NASiamModel.from_pretrained, NASiamConfig.from_pretrained, require_model):
+        with pytest.raises((OSError, ValueError)) as refusal:
+            load(tmp_path)
+        assert "did not finish (interrupted, or still running)" in str(refusal.value)
+        assert f"python -m nasiam_hf.fileio {tmp_path}" in str(refusal.value) and "\n" not in str(refusal.value)
+    assert inspect_path(tmp_path).kind is FolderKind.PUBLISHING
+    assert fileio.finish_publish(tmp_path) == "finished"  # what the next save or run start does first
+    assert fileio.finish_publish(tmp_path) is None
+    assert same_weights(weights_of(tmp_path), new.state_dict()) and inspect_path(tmp_path).kind is FolderKind.MODEL
+    assert_plain(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

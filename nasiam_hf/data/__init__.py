@@ -34,7 +34,7 @@ from .transforms import (
     build_decode_transform, build_transform, choose_image_size, decode_size, resize_edge,
 )
 from .views import (
-    VIEW_MODES, EpochSampler, ViewDataset, collate_views, default_num_workers, find_epoch_sampler, make_loader,
+    VIEW_MODES, EpochSampler, ViewDataset, collate_views, default_num_workers, make_loader,
     set_loader_epoch, view_key, view_seed,
 )
 
@@ -71,7 +71,6 @@ __all__ = [
     "decode_image",
     "decode_size",
     "default_num_workers",
-    "find_epoch_sampler",
     "hub_split_files",
     "key_index",
     "lane_batches_at",

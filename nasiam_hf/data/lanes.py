@@ -247,7 +247,7 @@ def _lane_batches(plan: EpochPlan, lane: int, seed: int) -> Iterator[list[dict]]
 
 
 def generate_samples(lanes: list[tuple[int, ...]], plan: EpochPlan, seed: int) -> Iterator[dict]:
-    """The generator behind an epoch's ``datasets.IterableDataset``: each group of lanes interleaved batch by
+    """The samples of an epoch (:class:`~.streaming.EpochSamples`): each group of lanes interleaved batch by
     batch, skipping lanes that ran out (each DataLoader worker gets one group)."""
     for group in lanes:
         active = [_lane_batches(plan, lane, seed) for lane in group]

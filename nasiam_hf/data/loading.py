@@ -273,7 +273,7 @@ def load_image_splits(
     unlabelled; ``require_labels`` (linear evaluation, fine-tuning) makes that an error naming the flag to pass.
 
     ``streaming`` reads the training data as an :class:`~nasiam_hf.data.streaming.ImageStream` (``splits.stream``):
-    exact resume, each rank reading its own shards; ``shuffle_buffer_size`` adds datasets' shuffle buffer to it,
+    exact resume, each rank reading its own shards; ``shuffle_buffer_size`` adds a shuffle buffer to it,
     which mixes more but gives up the exact resume. ``on_bad_image`` "error" stops at an undecodable image naming
     its file/shard and row, "skip" drops and counts it. ``preprocessing_num_workers`` goes to datasets' ``num_proc``.
     ``with_eval=False`` (a search, a pretraining without the kNN monitor) looks for no eval split of the source

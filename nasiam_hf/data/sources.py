@@ -313,7 +313,7 @@ def folder_dataset(listing: FolderListing, class_names: list[str] | None, role: 
 
 def hub_error(name: str, error: BaseException | None, streaming: bool = False) -> ValueError:
     """The error for a Hub dataset that cannot be fetched: why (offline mode or no connection) and what to pass."""
-    offline = offline_mode("HF_DATASETS_OFFLINE")
+    offline = offline_mode()
     why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face Hub cannot be reached"
     path_like = ("/" in name or os.sep in name) and not os.path.exists(name)
     local = "not a local folder (no such path here), and as a Hub dataset id: " if path_like else ""

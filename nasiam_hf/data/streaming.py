@@ -21,7 +21,6 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,11 +32,41 @@ from .shards import StreamSource, count_units, folder_source, key_indices, mix64
 from .sources import hub_error, hub_split_files, resolve_data_files
 from .views import collate_views, resolve_transforms
 
-if TYPE_CHECKING:
-    import datasets
-
 DEFAULT_MIX_UNITS = 8
 _HALF_SALT, _SUBSET_SALT, _SAMPLE_SALT = 13, 14, 15
+
+
+class EpochSamples(torch.utils.data.IterableDataset):
+    """One epoch of a rank's samples: each DataLoader worker runs its share of the lane groups
+    (:func:`~.lanes.generate_samples`), through a shuffle buffer of ``buffer_size`` samples when one is set (seeded by
+    ``buffer_seed`` and the worker)."""
+
+    def __init__(self, groups: list[tuple[int, ...]], plan: EpochPlan, seed: int, buffer_size: int | None,
+                 buffer_seed: tuple[int, ...]):
+        self.groups, self.plan, self.seed = groups, plan, seed
+        self.buffer_size, self.buffer_seed = buffer_size, buffer_seed
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = torch.utils.data.get_worker_info()
+        index, count = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        samples = generate_samples(self.groups[index::count], self.plan, self.seed)
+        if not self.buffer_size:
+            return samples
+        return _buffer_shuffled(samples, self.buffer_size, np.random.default_rng([*self.buffer_seed, index]))
+
+
+def _buffer_shuffled(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
+    """Each sample goes into a buffer of ``size`` at a random slot, and the one it replaces comes out."""
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        slot = int(rng.integers(size))
+        yield buffer[slot]
+        buffer[slot] = sample
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 class ImageStream:
@@ -279,29 +308,15 @@ class StreamLoader:
                                      list(state["lane_rows"]))
         return notes
 
-    def dataset(self) -> datasets.IterableDataset:
-        """The current epoch from the current position as a ``datasets.IterableDataset`` of samples (lane groups
-        as its shards: one per DataLoader worker)."""
+    def dataset(self) -> EpochSamples:
+        """The current epoch from the current position as a torch ``IterableDataset`` of samples (one lane group per
+        DataLoader worker)."""
         state = self.state
         plan = self.plan(state.epoch, skips=state.lane_rows)
         first = resume_rotation(state.lane_batches)
         order = [(first + j) % self.lanes for j in range(self.lanes)]
         groups = [(lane,) for lane in order] if self.num_workers > 0 else [tuple(order)]
-        kwargs = {"lanes": groups, "plan": plan, "seed": self.seed}
-        try:  # the input stream datasets' from_generator uses, minus hashing the plan (seconds for big listings)
-            from datasets.io.generator import GeneratorDatasetInputStream
-
-            fingerprint = f"nasiam-stream-{id(plan):x}-{state.epoch}-{state.batches}"
-            dataset = GeneratorDatasetInputStream(generator=generate_samples, gen_kwargs=kwargs, streaming=True,
-                                                  fingerprint=fingerprint).read()
-        except ImportError:  # pragma: no cover - older datasets
-            import datasets
-
-            dataset = datasets.IterableDataset.from_generator(generate_samples, gen_kwargs=kwargs)
-        if self.stream.shuffle_buffer_size:
-            dataset = dataset.shuffle(seed=(self.seed * 1_000_003 + state.epoch) % 2 ** 32,
-                                      buffer_size=self.stream.shuffle_buffer_size)
-        return dataset
+        return EpochSamples(groups, plan, self.seed, self.stream.shuffle_buffer_size, (self.seed, state.epoch))
 
     def __iter__(self) -> Iterator[dict]:
         if self.state.finished:  # a second pass over the same epoch starts it again
@@ -391,4 +406,4 @@ def open_stream(dataset_name: str | None = None, dataset_config_name: str | None
     return stream.subset(max_train_samples, seed) if max_train_samples is not None else stream
 
 
-__all__ = ["DEFAULT_MIX_UNITS", "ImageStream", "StreamLoader", "StreamState", "open_stream"]
+__all__ = ["DEFAULT_MIX_UNITS", "EpochSamples", "ImageStream", "StreamLoader", "StreamState", "open_stream"]

@@ -294,41 +294,20 @@ def make_loader(
     )
 
 
-_WRAPPER_ATTRIBUTES = ("sampler", "batch_sampler", "base_dataloader", "dataloader", "_loader")
+def set_loader_epoch(loader: Any, epoch: int) -> None:
+    """Set the epoch of a loader from :func:`make_loader`, prepared by Accelerate or not, or of a stream loader.
 
-
-def find_epoch_sampler(loader: Any) -> EpochSampler | None:
-    """The EpochSampler inside a DataLoader, also through Accelerate's wrappers (DataLoaderShard, BatchSamplerShard,
-    SkipBatchSampler, the XLA wrapper): a breadth-first walk over their sampler/loader attributes."""
-    queue, seen = [loader], set()
-    for _ in range(64):
-        if not queue:
-            break
-        obj = queue.pop(0)
-        if obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, EpochSampler):
-            return obj
-        queue.extend(getattr(obj, name, None) for name in _WRAPPER_ATTRIBUTES)
-    return None
-
-
-def set_loader_epoch(loader: Any, epoch: int) -> EpochSampler | None:
-    """Set the epoch of a loader from :func:`make_loader` (prepared by Accelerate or not) or of a stream loader.
-
-    Accelerate's ``DataLoaderShard`` re-applies its own ``iteration`` counter on every ``__iter__`` (and bumps it only
-    after a complete pass), so its ``set_epoch`` is called first to move that counter; then the EpochSampler is set
-    directly, which also covers wrappers Accelerate does not reach (e.g. ``skip_first_batches`` on several ranks).
+    Accelerate's loaders (``DataLoaderShard``, ``DataLoaderDispatcher``) and :class:`~.streaming.StreamLoader` have
+    ``set_epoch``: Accelerate's passes the epoch to the sampler under its batch sampler, and keeps it as the counter
+    it re-applies on every ``__iter__`` (``skip_first_batches`` copies that counter into the loader it makes). A plain
+    DataLoader's :class:`EpochSampler` is set directly.
     """
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
-    sampler = find_epoch_sampler(loader)
-    if sampler is not None:
-        sampler.set_epoch(epoch)
-    elif not hasattr(loader, "set_epoch"):
-        raise TypeError(f"No EpochSampler or set_epoch found in {type(loader).__name__}; build it with make_loader.")
-    return sampler
+    elif isinstance(getattr(loader, "sampler", None), EpochSampler):
+        loader.sampler.set_epoch(epoch)
+    else:
+        raise TypeError(f"{type(loader).__name__} has no set_epoch and no EpochSampler; build it with make_loader.")
 
 
 __all__ = [
@@ -337,7 +316,6 @@ __all__ = [
     "ViewDataset",
     "collate_views",
     "default_num_workers",
-    "find_epoch_sampler",
     "make_loader",
     "make_views",
     "set_loader_epoch",

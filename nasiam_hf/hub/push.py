@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import shlex
 import shutil
@@ -14,27 +13,13 @@ from urllib.parse import urlparse
 
 from ..checkpoints import STAGING_PREFIX
 from ..errors import PushError
-from ..fileio import HIDDEN_MODEL_PATTERNS
+from ..fileio import publish_problem
 from ..folders import RUN_LOCK_FILES
-from ..network import offline_mode
+from ..network import connection_errors, offline_mode
 
-# Training checkpoints, temporary files, the staging folders of nasiam_hf.fileio (".<name>.XXXX.tmp/") and the lock
-# of the run that is pushing.
-DEFAULT_IGNORE_PATTERNS = ("checkpoints/*", "checkpoint-*/*", "*.tmp", "*.tmp/*", *HIDDEN_MODEL_PATTERNS,
-                           *sorted(RUN_LOCK_FILES))
-
-
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """Exception types meaning "the Hub could not be reached", across the HTTP stacks huggingface_hub has used."""
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.gaierror, socket.timeout]
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
-                          ("requests.exceptions", ("ConnectionError", "Timeout"))):
-        try:
-            imported = importlib.import_module(module)
-        except ImportError:
-            continue
-        errors.extend(getattr(imported, name) for name in names if hasattr(imported, name))
-    return tuple(errors)
+# Training checkpoints (ours and the Trainer's), temporary files and folders (atomic writes, an unfinished save's
+# ".nasiam-publish.tmp/") and the lock of the run that is pushing.
+DEFAULT_IGNORE_PATTERNS = ("checkpoints/*", "checkpoint-*/*", "*.tmp", "*.tmp/*", *sorted(RUN_LOCK_FILES))
 
 
 def _uses_proxy(scheme: str) -> bool:
@@ -61,7 +46,6 @@ def _upload_hint(folder: Path, repo_id: str, ignore_patterns: Iterable[str]) -> 
     return (
         f"The model is saved locally at {folder}. Push it later, with network access, using\n"
         f"    hf upload {repo_id} {where} . {excludes}".rstrip()
-        + f"\n(or `huggingface-cli upload {repo_id} {where} .` with an older huggingface_hub)."
     )
 
 
@@ -98,7 +82,10 @@ def push_folder_to_hub(
         raise FileNotFoundError(f"cannot push {folder}: no such folder")
     patterns = list(ignore_patterns or ())
     hint = _upload_hint(folder, repo_id, patterns)
-    if offline_mode("TRANSFORMERS_OFFLINE"):
+    problem = publish_problem(folder)
+    if problem:
+        raise PushError(f"Cannot push {folder}: {problem}")
+    if offline_mode():
         raise PushError(
             f"Cannot push to the Hub: offline mode is on (HF_HUB_OFFLINE=1; unset it to push).\n{hint}"
         )
@@ -123,7 +110,7 @@ def push_folder_to_hub(
                 f"token with write access (`--hub_token` in the training scripts, token= here).\n{hint}"
             ) from error
         raise PushError(f"Pushing to {repo_id!r} failed: {error}\n{hint}") from error
-    except _network_errors() as error:
+    except connection_errors() as error:
         raise PushError(
             f"Cannot reach the Hub at {endpoint} ({type(error).__name__}: {error}).\n{hint}"
         ) from error
