@@ -151,6 +151,17 @@ def undecided_warning(confidence: Mapping[str, Sequence[Mapping]] | None, framew
             "simsiam-cifar10-resnet18)")
 
 
+def genotype_record(genotype: Mapping[str, Sequence[str] | None], confidence: Mapping | None) -> dict:
+    """The content of a search's ``genotype.json``: the op lists (``projector``, ``predictor``, as every reader
+    expects them), and beside them how sure the search was of each layer (``confidence``) and the rule that calls a
+    layer decided (``decided_rule``)."""
+    record = {"projector": list(genotype["projector"]),
+              "predictor": None if genotype.get("predictor") is None else list(genotype["predictor"])}
+    if confidence:
+        record.update(confidence=dict(confidence), decided_rule=DECIDED_RULE)
+    return record
+
+
 def confidence_summary(confidence: Mapping[str, Sequence[Mapping]] | None) -> dict | None:
     """``{"decided": n, "layers": total, "undecided": [names]}`` for records and cards."""
     if not confidence:
@@ -169,6 +180,7 @@ __all__ = [
     "describe_confidence",
     "describe_layer",
     "genotype_confidence",
+    "genotype_record",
     "layer_confidence",
     "relative_entropy",
     "undecided_layers",

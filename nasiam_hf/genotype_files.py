@@ -2,8 +2,8 @@
 ``config.json`` and ``genotype.json`` must agree), a model folder, or a genotype file of its own.
 
 A genotype file is JSON: ``{"projector": [op, ...], "predictor": [op, ...] | null, "framework": "simsiam"}``, the
-framework optional (default: ``simsiam`` when there is a predictor; a projector-only genotype must name ``simclr`` or
-``mocov2``). A search's ``genotype.json`` is such a file, with its ``confidence`` beside the lists. Every op name is
+framework optional (default: ``simsiam`` when there is a predictor; a projector-only genotype must name a framework
+without one, such as ``simclr`` or ``mocov2``). A search's ``genotype.json`` is such a file, with its ``confidence`` beside the lists. Every op name is
 checked against the registry and the whole is built into a :class:`~nasiam_hf.configuration_nasiam.NASiamConfig`
 exactly as a preset is.
 """
@@ -59,10 +59,11 @@ def file_values(path: str | Path) -> dict[str, Any]:
     projector = _op_list(data["projector"], "projector", where)
     predictor = None if data.get("predictor") is None else _op_list(data["predictor"], "predictor", where)
     framework = data.get("framework")
+    without = [f for f in FRAMEWORKS if not FRAMEWORK_DEFAULTS[f]["predictor_layers"]]
     if framework is None:
         if predictor is None:
-            raise UsageError(f"{where} has no predictor and names no framework: add \"framework\": \"simclr\" or "
-                             "\"mocov2\" (the frameworks without a predictor)")
+            raise UsageError(f"{where} has no predictor and names no framework: add \"framework\": one of {without} "
+                             "(the frameworks without a predictor)")
         framework = "simsiam"
     if framework not in FRAMEWORKS:
         raise UsageError(f"{where}: framework {framework!r} is not one of {list(FRAMEWORKS)}")
@@ -71,7 +72,8 @@ def file_values(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"{where}: {framework} has a predictor, and the file gives no 'predictor' list")
     if not has_predictor and predictor is not None:
         raise UsageError(f"{where}: {framework} has no predictor, but the file gives one ({predictor}); remove it "
-                         "or name a framework with a predictor (simsiam, byol)")
+                         f"or name a framework with a predictor "
+                         f"({', '.join(f for f in FRAMEWORKS if f not in without)})")
     values = {"framework": framework, "projector_layers": len(projector), "projector_genotype": projector}
     if predictor is not None:
         values.update(predictor_layers=len(predictor), predictor_genotype=predictor)

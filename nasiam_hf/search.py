@@ -31,7 +31,7 @@ from .search_methods import (
 )
 from .budget import logging_interval, run_budget
 from .checkpoints import Checkpointer
-from .confidence import describe_confidence, genotype_confidence, undecided_warning
+from .confidence import describe_confidence, genotype_confidence, genotype_record, undecided_warning
 from .feeds import cycle_batches, num_samples, view_feed
 from .trainer import (
     DeviceSums, StepLoop, bad_image_count, check_finite, describe_backbone_of, describe_count, initialise_backbone,
@@ -124,17 +124,6 @@ def search_epoch_record(model: NASiamForArchitectureSearch, epoch: int, train_lo
               "confidence": genotype_confidence(weights, model.config.search_ops)}
     if hessian_eigenvalue is not None:
         record["alpha_hessian_top_eigenvalue"] = hessian_eigenvalue
-    return record
-
-
-def genotype_record(genotype: dict[str, list[str] | None], confidence: dict | None) -> dict:
-    """The content of ``genotype.json``: the op lists (``projector``, ``predictor``), and beside them how sure the
-    search was of each layer (``confidence``) and the rule that calls a layer decided (``decided_rule``)."""
-    from .confidence import DECIDED_RULE
-
-    record = {"projector": list(genotype["projector"]), "predictor": genotype.get("predictor")}
-    if confidence:
-        record.update(confidence=confidence, decided_rule=DECIDED_RULE)
     return record
 
 

@@ -36,12 +36,13 @@ OP_COLOURS = {
 }
 _FALLBACK_COLOURS = ("#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2")
 
-def _new_figure(width: float, height: float) -> "Figure":
-    """A figure drawn by the Agg canvas, without pyplot (no global backend switch, no figure registry)."""
+def _new_figure(width: float, height: float, layout: str | None = None) -> "Figure":
+    """A figure drawn by the Agg canvas, without pyplot (no global backend switch, no figure registry).
+    ``layout="constrained"`` lays it out when it is saved (building it then draws nothing)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=110)
+    fig = Figure(figsize=(width, height), dpi=110, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 

@@ -43,7 +43,7 @@ def alphas_figure(history: Mapping, by_update: bool) -> "Figure":
     if not cells:
         raise ValueError("search history has no 'op_weights' to plot")
     columns = max(layers for _, layers in cells)
-    fig = _new_figure(2.6 * columns, 2.3 * len(cells) + 0.9)
+    fig = _new_figure(2.6 * columns, 2.3 * len(cells) + 0.9, layout="constrained")
     axes = fig.subplots(len(cells), columns, squeeze=False, sharey=True)
     uniform = 1.0 / len(ops)
     values = [float(w) for _, weights in rows for cell, _ in cells for layer in (weights.get(cell) or [])
@@ -68,16 +68,14 @@ def alphas_figure(history: Mapping, by_update: bool) -> "Figure":
             ax.set_title(f"{cell} layer {c + 1}", fontsize=9)
             ax.set_ylim(bottom, top)
             ax.tick_params(labelsize=7)
-            if r == len(cells) - 1 or c >= cells[r + 1][1]:  # no panel below this one
-                ax.set_xlabel(xlabel, fontsize=8)
+            _x_axis(ax, xlabel if r == len(cells) - 1 or c >= cells[r + 1][1] else "")  # labelled at the bottom
             if c == 0:
                 ax.set_ylabel("op weight (softmax)", fontsize=8)
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=op_colour(op, ops), linewidth=2) for op in ops]
-    fig.legend(handles, ops, loc="lower center", ncol=min(len(ops), 7), fontsize=8, frameon=False)
+    fig.legend(handles, ops, loc="outside lower center", ncol=min(len(ops), 7), fontsize=8, frameon=False)
     fig.suptitle("Architecture weights during the search (dotted: uniform)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
     return fig
 
 
@@ -146,7 +144,7 @@ def confidence_figure(history: Mapping, by_update: bool) -> "Figure":
             entropies.append(float(row["relative_entropy"]))
             decided.append(bool(row["decided"]))
     colours = ["#2ca02c" if d else "#9e9e9e" for d in decided]
-    fig = _new_figure(max(9.0, 0.75 * len(names) + 4.0), 3.6)
+    fig = _new_figure(max(9.0, 0.75 * len(names) + 4.0), 3.6, layout="constrained")
     panels = fig.subplots(1, 3, gridspec_kw={"width_ratios": [2, 2, 1.3]})
     positions = list(range(len(names)))
     for ax, values, limit, title in ((panels[0], margins, DECIDED_MIN_MARGIN, "margin over the runner-up (>= to decide)"),
@@ -162,11 +160,10 @@ def confidence_figure(history: Mapping, by_update: bool) -> "Figure":
     xs, ys = decided_series(history, by_update)
     panels[2].plot(xs, ys, color="#2ca02c", **_line_style(len(xs)))
     panels[2].set_ylim(-0.2, len(names) + 0.2)
-    panels[2].set_xlabel("update" if by_update and history.get("steps") else "epoch", fontsize=8)
+    _x_axis(panels[2], "update" if by_update and history.get("steps") else "epoch")
     panels[2].set_title(f"decided layers (of {len(names)})", fontsize=9)
     panels[2].tick_params(labelsize=7)
     fig.suptitle(f"Genotype confidence: {sum(decided)} of {len(names)} layers decided (grey: undecided)", fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -174,7 +171,7 @@ def diagnostics_figure(epochs: Sequence[Mapping]) -> "Figure":
     """The signs of a collapse into parameter-free ops, one panel each: the identity and parameter-free shares of
     the genotype, the collapse statistic, and the largest eigenvalue of the alphas' Hessian (on the epochs it was
     measured; it rises before DARTS collapses). A panel with nothing recorded says so."""
-    fig = _new_figure(12.0, 3.4)
+    fig = _new_figure(12.0, 3.4, layout="constrained")
     panels = fig.subplots(1, 3)
     series = (
         (panels[0], (("identity_share", "identity share", "#7f7f7f"),
@@ -201,7 +198,6 @@ def diagnostics_figure(epochs: Sequence[Mapping]) -> "Figure":
     panels[0].set_title("Parameter-free ops in the genotype", fontsize=9)
     panels[1].set_title("Representation collapse", fontsize=9)
     panels[2].set_title("Curvature of the validation loss in alpha space", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
