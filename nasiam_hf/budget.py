@@ -6,7 +6,7 @@ Every training command builds a :class:`RunBudget` once its plan and data are kn
   naming the values taken by default (the recipe's epochs and batch);
 * :meth:`RunBudget.track` wraps the update loop: after a few updates it prints the projected wall time and, when the
   run will take more than :data:`LONG_RUN_SECONDS` with epochs or batch not given, says so with the flags that
-  shorten it;
+  shorten it (at once, after the first update, when even a tenth of that update's time per update is too long);
 * :meth:`RunBudget.after_save` wraps the checkpoint callback: the first checkpoint prints its size, how many are kept
   (``--checkpoints_total_limit``) and the disk they take;
 * :meth:`RunBudget.outcome` is what ran (updates and fractional epochs done, global batch, learning rates, precision,
@@ -27,6 +27,7 @@ from pathlib import Path
 LONG_RUN_SECONDS = 2 * 3600
 PROJECT_AFTER_UPDATES = 5  # the projection times the updates after the first (which carries start-up costs)
 PROJECT_AFTER_SECONDS = 30.0  # ... or sooner, once this long has passed since the first update ended
+FIRST_UPDATE_FACTOR = 10  # the first update may be this many times slower than the next (start-up costs)
 DEFAULT_LOGGING_STEPS = 25
 SHORTENING_FLAGS = "--num_train_epochs, --max_train_steps or --per_device_train_batch_size"
 
@@ -119,7 +120,8 @@ class RunSize:
         epochs = self.epochs_of(self.updates)
         images = self.updates * self.global_batch
         text = (f"{self.command} run size: {self.updates} updates x global batch {self.global_batch} = {images} "
-                "training images" + (f" ({epochs:.4g} epoch{'' if epochs == 1 else 's'} of {self.train_images} "
+                "training images" + (f" ({epochs:.4g} epoch{'' if epochs == 1 else 's'} of {self.updates_per_epoch} "
+                                     f"update{'' if self.updates_per_epoch == 1 else 's'} over {self.train_images} "
                                      "images)" if epochs is not None
                                      else " (the number of training images is unknown)"))
         if self.note:
@@ -143,7 +145,7 @@ class RunBudget:
         self.first_done: float | None = None
         self.updates_done = 0  # in this process's life (after a resume: since it)
         self.projection: dict | None = None
-        self.checkpoint_noted = False
+        self.checkpoint_noted = self.long_warned = False
 
     def print(self, text: str) -> None:
         self.accelerator.print(text)
@@ -163,6 +165,7 @@ class RunBudget:
         self.updates_done += 1
         if self.updates_done == 1:
             self.first_done = now
+            self.first_update_check(now - self.started)
             return
         if self.projection is not None:
             return
@@ -171,6 +174,24 @@ class RunBudget:
         if self.updates_done >= PROJECT_AFTER_UPDATES or timed >= PROJECT_AFTER_SECONDS or to_go <= 0:
             self.project(timed / (self.updates_done - 1), to_go, now - self.started)
 
+    def first_update_check(self, seconds: float) -> None:
+        """Warn at once when even a tenth of the first update's time (it carries the start-up costs) makes a run
+        with default length or batch longer than :data:`LONG_RUN_SECONDS`; the projection follows later."""
+        to_go = self.size.updates - self.size.start - 1
+        if not self.size.defaults or seconds / FIRST_UPDATE_FACTOR * to_go <= LONG_RUN_SECONDS:
+            return
+        self.long_warned = True
+        self.print(self.long_warning(f"its first update took {format_seconds(seconds)}; even at a tenth of that, "
+                                     f"its {to_go} updates to go take {format_seconds(seconds / 10 * to_go)}"))
+
+    def long_warning(self, how_long: str) -> str:
+        source = f"the {self.size.recipe} recipe's" if self.size.recipe else "default"
+        epochs = self.size.epochs_of(self.size.updates)
+        what = (f"{epochs:.4g} epochs at global batch {self.size.global_batch}" if epochs is not None
+                else f"{self.size.updates} updates at global batch {self.size.global_batch}")
+        return (f"warning: this run is long: {how_long} ({what}, with {' and '.join(self.size.defaults)} taken from "
+                f"{source} values). Shorten it with {SHORTENING_FLAGS} (stop now with Ctrl-C: a checkpoint is saved)")
+
     def project(self, per_update: float, to_go: int, elapsed: float) -> None:
         total = elapsed + per_update * max(to_go, 0)
         self.projection = {"seconds_per_update": per_update, "projected_seconds": total,
@@ -178,14 +199,9 @@ class RunBudget:
         self.print(f"budget: {per_update:.3g} s per update (timed over updates 2-{self.updates_done}): about "
                    f"{format_seconds(total)} for this run's {self.size.updates - self.size.start} updates, "
                    f"{format_seconds(per_update * max(to_go, 0))} to go (evaluations and checkpoints come on top)")
-        if total > LONG_RUN_SECONDS and self.size.defaults:
-            source = f"the {self.size.recipe} recipe's" if self.size.recipe else "default"
-            epochs = self.size.epochs_of(self.size.updates)
-            what = (f"{epochs:.4g} epochs at global batch {self.size.global_batch}" if epochs is not None
-                    else f"{self.size.updates} updates at global batch {self.size.global_batch}")
-            self.print(f"warning: this run will take about {format_seconds(total)}: {what}, with "
-                       f"{' and '.join(self.size.defaults)} taken from {source} values. Shorten it with "
-                       f"{SHORTENING_FLAGS} (stop now with Ctrl-C: a checkpoint is saved)")
+        if total > LONG_RUN_SECONDS and self.size.defaults and not self.long_warned:
+            self.long_warned = True
+            self.print(self.long_warning(f"it will take about {format_seconds(total)}"))
 
     def after_save(self, then: Callable[[Path], object] | None = None) -> Callable[[Path], None]:
         """A checkpoint callback (main process) that reports the first checkpoint, then calls ``then(path)``."""

@@ -58,19 +58,19 @@ def test_projection_after_a_few_updates_and_the_long_run_warning(accelerator, ca
     budget = RunBudget(accelerator, size, clock=clock)
     budget.announce()
     out = capsys.readouterr().out
-    assert ("pretrain run size: 1600 updates x global batch 512 = 819200 training images (800 epochs of 1000 "
+    assert ("pretrain run size: 1600 updates x global batch 512 = 819200 training images (800 epochs of 2 updates over 1000 "
             "images); --num_train_epochs and --per_device_train_batch_size not given: the cifar recipe decided") in out
     for update in range(1, 6):  # the first update carries start-up costs; the next ones take 10 s each
-        clock.now += 60.0 if update == 1 else 10.0
+        clock.now += 30.0 if update == 1 else 10.0  # 30 s: a tenth of it per update would be 80 min, no alarm yet
         budget.update_done()
         if update < 3:
             assert "budget:" not in capsys.readouterr().out  # the first timed update ends 10 s after the first
     out = capsys.readouterr().out
-    # 30 s after the first update ended (updates 2-4), so the projection came at update 4: 90 s + 1596 x 10 s
-    assert "budget: 10 s per update (timed over updates 2-4): about 4 h 28 min" in out
-    assert ("warning: this run will take about 4 h 28 min: 800 epochs at global batch 512, with --num_train_epochs "
-            "and --per_device_train_batch_size taken from the cifar recipe's values. Shorten it with "
-            "--num_train_epochs, --max_train_steps or --per_device_train_batch_size") in out
+    # 30 s after the first update ended (updates 2-4), so the projection came at update 4: 60 s + 1596 x 10 s
+    assert "budget: 10 s per update (timed over updates 2-4): about 4 h 27 min" in out
+    assert ("warning: this run is long: it will take about 4 h 27 min (800 epochs at global batch 512, with "
+            "--num_train_epochs and --per_device_train_batch_size taken from the cifar recipe's values). Shorten it "
+            "with --num_train_epochs, --max_train_steps or --per_device_train_batch_size") in out
     assert budget.outcome(1600, learning_rate=0.12, base_learning_rate=0.06, mixed_precision="bf16") == {
         "updates": 1600, "planned_updates": 1600, "epochs": 800.0, "global_batch": 512, "images_seen": 819200,
         "train_images": 1000, "learning_rate": 0.12, "base_learning_rate": 0.06, "mixed_precision": "bf16",
@@ -82,6 +82,16 @@ def test_projection_after_a_few_updates_and_the_long_run_warning(accelerator, ca
         budget.update_done()
     out = capsys.readouterr().out
     assert "budget: 10 s per update (timed over updates 2-4)" in out and "warning" not in out
+    # a first update so slow that a tenth of it per update is still too long: warned at once, then projected
+    budget = RunBudget(accelerator, size, clock=clock)
+    clock.now += 346.0
+    budget.update_done()
+    assert ("warning: this run is long: its first update took 6 min; even at a tenth of that, its 1599 updates to "
+            "go take 15 h 22 min (800 epochs") in capsys.readouterr().out  # 34.6 s x 1599
+    clock.now += 58.0
+    budget.update_done()
+    out = capsys.readouterr().out
+    assert "budget: 58 s per update (timed over updates 2-2)" in out and "warning" not in out  # said once
 
 
 def test_the_first_checkpoint_says_what_the_checkpoints_take(accelerator, capsys, tmp_path):
