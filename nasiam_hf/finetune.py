@@ -269,8 +269,9 @@ def run_finetune(command: FinetuneCommand) -> Path:
                                          plan, splits, outcome)
         tuned = (results or {}).get("fine_tuning")
         if tuned:
+            accuracy = describe_accuracy(tuned["top1"], tuned["num_queries"])
             accelerator.print(f"fine-tuning accuracy on the {tuned['split']} split after {tuned['updates']} updates "
-                              f"({tuned['epochs']:.4g} epochs): top-1 {describe_accuracy(tuned['top1'], tuned['num_queries'])}"
+                              f"({tuned['epochs']:.4g} epochs): top-1 {accuracy}"
                               + (f", top-5 {tuned['top5']:.2f}%" if tuned.get("top5") is not None else ""))
         accelerator.print(f"classifier saved to {output_dir} (AutoModelForImageClassification.from_pretrained)")
     accelerator.wait_for_everyone()

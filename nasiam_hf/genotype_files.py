@@ -3,9 +3,9 @@
 
 A genotype file is JSON: ``{"projector": [op, ...], "predictor": [op, ...] | null, "framework": "simsiam"}``, the
 framework optional (default: ``simsiam`` when there is a predictor; a projector-only genotype must name a framework
-without one, such as ``simclr`` or ``mocov2``). A search's ``genotype.json`` is such a file, with its ``confidence`` beside the lists. Every op name is
-checked against the registry and the whole is built into a :class:`~nasiam_hf.configuration_nasiam.NASiamConfig`
-exactly as a preset is.
+without one, such as ``simclr`` or ``mocov2``). A search's ``genotype.json`` is such a file, with its ``confidence``
+beside the lists. Every op name is checked against the registry and the whole is built into a
+:class:`~nasiam_hf.configuration_nasiam.NASiamConfig` exactly as a preset is.
 """
 
 from __future__ import annotations

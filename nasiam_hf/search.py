@@ -249,7 +249,8 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     val_iter = cycle_batches(val_feed, state, "val")
     pusher = checkpoint_pusher(command.hub) if accelerator.is_main_process else None
     loop = StepLoop(accelerator, train_feed, state, total_steps, checkpointer, run.checkpoint_every, on_epoch_end,
-                    desc="search", before_save=fold_sums, after_save=budget.after_save(pusher.submit if pusher else None),
+                    desc="search", before_save=fold_sums,
+                    after_save=budget.after_save(pusher.submit if pusher else None),
                     epochs=None if opt.max_train_steps else opt.epochs, other_feeds={"val": val_feed})
     model.train()
     schedule = apply_schedule(supernet, variant, state["global_step"] / total_steps)

@@ -58,8 +58,9 @@ def test_projection_after_a_few_updates_and_the_long_run_warning(accelerator, ca
     budget = RunBudget(accelerator, size, clock=clock)
     budget.announce()
     out = capsys.readouterr().out
-    assert ("pretrain run size: 1600 updates x global batch 512 = 819200 training images (800 epochs of 2 updates over 1000 "
-            "images); --num_train_epochs and --per_device_train_batch_size not given: the cifar recipe decided") in out
+    assert ("pretrain run size: 1600 updates x global batch 512 = 819200 training images (800 epochs of 2 updates "
+            "over 1000 images); --num_train_epochs and --per_device_train_batch_size not given: the cifar recipe "
+            "decided") in out
     for update in range(1, 6):  # the first update carries start-up costs; the next ones take 10 s each
         clock.now += 30.0 if update == 1 else 10.0  # 30 s: a tenth of it per update would be 80 min, no alarm yet
         budget.update_done()

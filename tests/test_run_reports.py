@@ -115,7 +115,8 @@ def test_the_search_says_how_sure_its_genotype_is(searched):
     assert "in 10 of 10 layers (projector layer 1, " in warning and "predictor layer 4)" in warning
     assert "--num_train_epochs" in warning and "--genotype simsiam-baseline" in warning
     # the run's size before it starts (24 images in the weight half: 3 updates an epoch), then what it did
-    assert "search run size: 2 updates x global batch 8 = 16 training images (0.6667 epochs of 3 updates over 24 images)" in log
+    assert ("search run size: 2 updates x global batch 8 = 16 training images (0.6667 epochs of 3 updates over 24 "
+            "images)") in log
     assert "budget: " in log and "s per update" in log
     outcome = json.loads((out / "training_args.json").read_text())["outcome"]
     assert outcome == {**outcome, "updates": 2, "epochs": 0.6667, "global_batch": 8, "images_seen": 16,
@@ -147,7 +148,8 @@ def test_pretraining_repeats_the_warning_and_shows_its_budget(pretrained, search
     out, log = pretrained
     search_dir, _ = searched
     assert f"warning: the genotype of {search_dir} is undecided in 10 of 10 layers" in log
-    assert "pretrain run size: 3 updates x global batch 8 = 24 training images (0.5 epochs of 6 updates over 48 images)" in log
+    assert ("pretrain run size: 3 updates x global batch 8 = 24 training images (0.5 epochs of 6 updates over 48 "
+            "images)") in log
     size = folder_size(out / "checkpoints" / "step-00000002")
     assert (f"checkpoint step-00000002: {format_bytes(size)}; this run writes 1 and keeps the last 1 "
             f"(--checkpoints_total_limit 2): about {format_bytes(size)} on disk") in log
@@ -253,7 +255,8 @@ def test_finetuning_reports_its_data_its_accuracy_and_its_real_length(pretrained
                                  "--output_dir", out, "--max_train_steps", "3", "--checkpointing_steps", "no",
                                  "--per_device_train_batch_size", "8", "--seed", "0"])
     assert "finetune data: 48 train images" in log and "16 eval images" in log and "4 classes" in log
-    assert "finetune run size: 3 updates x global batch 8 = 24 training images (0.5 epochs of 6 updates over 48 images)" in log
+    assert ("finetune run size: 3 updates x global batch 8 = 24 training images (0.5 epochs of 6 updates over 48 "
+            "images)") in log
     # its accuracy, recomputed from the saved classifier
     classifier = AutoModelForImageClassification.from_pretrained(out).eval()
     images, labels = _images(test)

@@ -81,11 +81,12 @@ def recipe_rows(training_args: Mapping[str, Any] | None) -> list[tuple[str, str]
             rows.append(("Learning rate (effective, peak of the schedule)", f"{outcome['learning_rate']:.4g}"))
         if _number(outcome.get("base_learning_rate")):
             rows.append(("Base learning rate (per 256 images)", f"{outcome['base_learning_rate']:g}"))
-        rows.append(("Precision", PRECISION_NAMES.get(outcome.get("mixed_precision"), f"`{outcome.get('mixed_precision')}`")))
+        precision = outcome.get("mixed_precision")
+        rows.append(("Precision", PRECISION_NAMES.get(precision, f"`{precision}`")))
     else:  # a record without an outcome (older runs, hand-written records): the plan, said to be one
         epochs = plan.get("epochs", args.get("num_train_epochs"))
-        for label, value in (("Epochs (planned)", epochs), ("Optimizer updates (planned)", plan.get("max_train_steps",
-                                                                                                  args.get("max_train_steps"))),
+        steps = plan.get("max_train_steps", args.get("max_train_steps"))
+        for label, value in (("Epochs (planned)", epochs), ("Optimizer updates (planned)", steps),
                              ("Global batch (planned)", plan.get("global_batch")),
                              ("Learning rate (planned, effective)", plan.get("lr")),
                              ("Base learning rate (per 256 images)", plan.get("base_lr", args.get("learning_rate")))):

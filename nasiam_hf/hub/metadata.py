@@ -82,8 +82,8 @@ def save_run_metadata(
     (the run's plan), ``starting_point`` (the backbone's initial weights), ``outcome`` (what the run did: updates
     and epochs done, global batch, learning rates, precision, images; :meth:`nasiam_hf.budget.RunBudget.outcome`),
     ``genotype_source`` (where a pretraining's genotype came from, with the search's confidence),
-    ``package_versions`` and ``timestamp_utc`` are dropped when it is read back as one. Values of arguments named like a token, password or secret are redacted,
-    since the folder is meant to be pushed.
+    ``package_versions`` and ``timestamp_utc`` are dropped when it is read back as one. Values of arguments named
+    like a token, password or secret are redacted, since the folder is meant to be pushed.
     """
     values = args.values() if callable(getattr(args, "values", None)) and not isinstance(args, Mapping) else dict(args)
     record = redact_secrets(values)

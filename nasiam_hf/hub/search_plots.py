@@ -147,9 +147,9 @@ def confidence_figure(history: Mapping, by_update: bool) -> "Figure":
     fig = _new_figure(max(9.0, 0.75 * len(names) + 4.0), 3.6, layout="constrained")
     panels = fig.subplots(1, 3, gridspec_kw={"width_ratios": [2, 2, 1.3]})
     positions = list(range(len(names)))
-    for ax, values, limit, title in ((panels[0], margins, DECIDED_MIN_MARGIN, "margin over the runner-up (>= to decide)"),
-                                     (panels[1], entropies, DECIDED_MAX_RELATIVE_ENTROPY,
-                                      "entropy relative to uniform (<= to decide)")):
+    for ax, values, limit, title in (
+            (panels[0], margins, DECIDED_MIN_MARGIN, "margin over the runner-up (>= to decide)"),
+            (panels[1], entropies, DECIDED_MAX_RELATIVE_ENTROPY, "entropy relative to uniform (<= to decide)")):
         ax.bar(positions, values, color=colours)
         ax.axhline(limit, color="black", linestyle="--", linewidth=1.0)
         ax.set_xticks(positions)
