@@ -365,7 +365,7 @@ def require_genotype_source(path: str | os.PathLike, flag: str = "--genotype") -
     if info.kind is FolderKind.FILE and info.path.suffix.lower() == ".json":
         return info
     if info.kind is FolderKind.MISSING:
-        raise FolderKindError(f"{flag} {str(path)!r} is neither a folder, a genotype file (.json) nor a preset; "
+        raise FolderKindError(f"{flag} {str(path)!r} is neither a folder nor a preset (nor a .json genotype file); "
                               f"presets: {sorted(PRESETS)}")
     _refuse(info, flag, "a finished search output (config.json + genotype.json), a NASiam model folder or a "
             "genotype file (.json with projector and predictor lists)", "genotype")

@@ -324,7 +324,7 @@ def test_a_search_checkpoint_exports_its_genotype_with_its_confidence(tmp_path, 
     from nasiam_hf.commands import convert
     from nasiam_hf.plans import genotype_source_record, genotype_values
 
-    checkpoint, supernet = make_run_checkpoint(tmp_path / "search", step=2, preset="byol-baseline", search=True)
+    checkpoint, supernet = make_run_checkpoint(tmp_path / "search", step=2, preset="simsiam-baseline", search=True)
     convert.main(["checkpoint", str(checkpoint), str(tmp_path / "genotype")])
     exported = json.loads((tmp_path / "genotype" / "genotype.json").read_text())
     weights = supernet.op_weights()
