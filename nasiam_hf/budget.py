@@ -230,7 +230,8 @@ class RunBudget:
         size = self.size
         epochs = size.epochs_of(updates_done)
         record = {"updates": int(updates_done), "planned_updates": int(size.updates),
-                  "epochs": None if epochs is None else round(epochs, 4), "global_batch": int(size.global_batch),
+                  "epochs": None if epochs is None else round(epochs, 4), "updates_per_epoch": size.updates_per_epoch,
+                  "global_batch": int(size.global_batch),
                   "images_seen": int(updates_done * size.global_batch), "train_images": size.train_images,
                   "learning_rate": learning_rate, "base_learning_rate": base_learning_rate,
                   "mixed_precision": mixed_precision or "no"}

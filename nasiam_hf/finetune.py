@@ -299,9 +299,8 @@ def finetune_eval_results(history: dict, command: FinetuneCommand, splits,
     else:
         split = "test"
     updates = last.get("step", (outcome or {}).get("updates"))
-    per_epoch = (outcome or {}).get("epochs") and (outcome or {}).get("updates")
-    epochs = (updates * outcome["epochs"] / outcome["updates"]) if per_epoch and updates is not None \
-        else len(history["epochs"])
+    per_epoch = (outcome or {}).get("updates_per_epoch")
+    epochs = updates / per_epoch if per_epoch and updates is not None else len(history["epochs"])
     result = {"top1": last["eval_top1"], "top5": last.get("eval_top5"),
               "num_queries": last.get("eval_num_queries"), "top1_stderr": last.get("eval_top1_stderr"),
               "top1_ci95": last.get("eval_top1_ci95"), "dataset_name": splits.name, "split": split,

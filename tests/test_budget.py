@@ -73,7 +73,8 @@ def test_projection_after_a_few_updates_and_the_long_run_warning(accelerator, ca
             "--num_train_epochs and --per_device_train_batch_size taken from the cifar recipe's values). Shorten it "
             "with --num_train_epochs, --max_train_steps or --per_device_train_batch_size") in out
     assert budget.outcome(1600, learning_rate=0.12, base_learning_rate=0.06, mixed_precision="bf16") == {
-        "updates": 1600, "planned_updates": 1600, "epochs": 800.0, "global_batch": 512, "images_seen": 819200,
+        "updates": 1600, "planned_updates": 1600, "epochs": 800.0, "updates_per_epoch": 2, "global_batch": 512,
+        "images_seen": 819200,
         "train_images": 1000, "learning_rate": 0.12, "base_learning_rate": 0.06, "mixed_precision": "bf16"}
     # the same length asked for explicitly: the projection, no warning
     budget = RunBudget(accelerator, RunSize("pretrain", 1600, 512, 1000, 2), clock=clock)
