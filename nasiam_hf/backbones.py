@@ -20,7 +20,7 @@ from .backbone_specs import (  # noqa: F401 - the names of a backbone are import
     BACKBONES, RESNET_STAGE_NAMES, TIMM, TIMM_PREFIX, TORCHVISION, TORCHVISION_BACKBONES, TRANSFORMERS,
     TRUNK_MODULES, BackboneInfo, backbone_config_values, backbone_kind, create_timm_model, describe_backbone,
     import_timm, is_torchvision_backbone, read_transformers_config, required_packages, timm_stages, timm_width,
-    transformers_config_from_dict, with_all_stages,
+    transformers_config_from_dict,
 )
 
 

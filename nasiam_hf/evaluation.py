@@ -10,10 +10,13 @@ therefore holds the same features, computes the same kNN scores and, on cached f
 
 * :func:`extract_features`, :func:`knn_predict`, :func:`knn_accuracy`, :func:`evaluate_knn`: the kNN monitor of
   InstDisc / SimSiam (k 200, temperature 0.2, cosine similarity, memory = un-augmented training images).
+* :func:`binomial_stderr`, :func:`wilson_interval`, :func:`describe_accuracy`, :func:`few_queries_warning`: every
+  accuracy comes with its error and the number of images it was measured on.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -21,7 +24,58 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+MIN_QUERIES = 200  # below this, one image moves a top-1 by half a point or more: the figure is flagged
+MORE_QUERIES_FLAGS = ("a larger labelled evaluation set (--validation_file / --validation_dir, or --eval_split), and "
+                      "no or a larger --max_eval_samples")
 
+
+# --------------------------------------------------------------------------------------------------------------------
+# the error of an accuracy
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def binomial_stderr(percent: float, n: int) -> float:
+    """The standard error of an accuracy of ``percent`` % over ``n`` independent queries, in points:
+    ``100 sqrt(p (1 - p) / n)``."""
+    if n <= 0:
+        return float("nan")
+    p = min(max(float(percent) / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / n)
+
+
+def wilson_interval(percent: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of an accuracy, in percent (sound at 0 % and 100 %, where the standard error
+    is 0)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = min(max(float(percent) / 100.0, 0.0), 1.0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
+
+
+def with_error(result: dict, n: int) -> dict:
+    """``result`` (with ``top1`` in %) plus ``num_queries``, ``top1_stderr`` and ``top1_ci95``."""
+    low, high = wilson_interval(result["top1"], n)
+    return {**result, "num_queries": int(n), "top1_stderr": binomial_stderr(result["top1"], n),
+            "top1_ci95": [low, high]}
+
+
+def describe_accuracy(percent: float, n: int) -> str:
+    """``"30.00% ± 10.25 (95 % CI 14.5-51.9, 20 queries)"``: the figure, its standard error, its interval."""
+    low, high = wilson_interval(percent, n)
+    return (f"{percent:.2f}% ± {binomial_stderr(percent, n):.2f} (95 % CI {low:.1f}-{high:.1f}, {n} "
+            f"{'query' if n == 1 else 'queries'})")
+
+
+def few_queries_warning(n: int, what: str, max_eval_samples: int | None = None) -> str | None:
+    """A warning when ``what`` is measured on fewer than :data:`MIN_QUERIES` images, naming the flags for more."""
+    if n >= MIN_QUERIES:
+        return None
+    cap = f" (--max_eval_samples {max_eval_samples} keeps only that many)" if max_eval_samples else ""
+    return (f"warning: {what}: measured on {n} images only: one image moves it by {100.0 / max(n, 1):.2f} points "
+            f"and its standard error is up to {binomial_stderr(50.0, n):.1f} points. For a figure that separates "
+            f"runs, give at least {MIN_QUERIES}: {MORE_QUERIES_FLAGS}{cap}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -132,7 +186,8 @@ def knn_predict(
 
 
 def _topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Top-1 (and top-5 when there are at least 5 classes) accuracy in percent."""
+    """Top-1 (and top-5 when there are at least 5 classes) accuracy in percent, with the number of queries and the
+    top-1's standard error and 95 % interval (:func:`with_error`)."""
     labels = labels.to(scores.device)
     n = max(labels.shape[0], 1)
     ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices
@@ -140,7 +195,7 @@ def _topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
     result = {"top1": 100.0 * hits[:, 0].sum().item() / n}
     if scores.shape[1] >= 5:
         result["top5"] = 100.0 * hits.any(dim=1).sum().item() / n
-    return result
+    return with_error(result, int(labels.shape[0]))
 
 
 class KNNNeighbourhoodWarning(UserWarning):
@@ -160,12 +215,12 @@ def knn_neighbourhood(k: int, memory_labels: torch.Tensor) -> tuple[int, str | N
     per_class = size / max(classes, 1)
     notes = []
     if used < k:
-        notes.append(f"k={k} is more than the {size} memory images: the vote uses k={used}")
+        notes.append(f"--knn_k {k} is more than the {size} memory images: the vote uses k={used}")
     if used > per_class:
         notes.append(
             f"k={used} is above the average class size of the memory ({per_class:.1f} images: {size} over "
             f"{classes} classes), so every neighbourhood reaches into other classes and the vote leans to the largest "
-            f"ones; use a larger memory or k <= {int(per_class)}"
+            f"ones; use a larger memory or --knn_k {max(1, int(per_class))} or less"
         )
     return used, ("kNN monitor: " + "; ".join(notes)) if notes else None
 
@@ -181,7 +236,8 @@ def knn_accuracy(
     chunk_size: int = 1024,
     warn: bool = True,
 ) -> dict[str, float]:
-    """``{"top1": %, "top5": %, "k": k used}`` of :func:`knn_predict` (``top5`` only when ``num_classes >= 5``).
+    """``{"top1": %, "top5": %, "k": k used, "num_queries", "top1_stderr", "top1_ci95"}`` of :func:`knn_predict`
+    (``top5`` only when ``num_classes >= 5``).
 
     ``k`` in the result is the number of neighbours actually voting (:func:`knn_neighbourhood`); with ``warn`` a
     :class:`KNNNeighbourhoodWarning` says when it was capped or is a large share of the memory.
@@ -217,6 +273,12 @@ def evaluate_knn(
 
 __all__ = [
     "KNNNeighbourhoodWarning",
+    "MIN_QUERIES",
+    "binomial_stderr",
+    "describe_accuracy",
+    "few_queries_warning",
+    "with_error",
+    "wilson_interval",
     "evaluate_knn",
     "extract_features",
     "knn_accuracy",

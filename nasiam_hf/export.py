@@ -349,10 +349,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike) 
     history = state.get("history") or {}
     with staged_files(output) as staged:
         if architecture == "NASiamForArchitectureSearch":
+            from .confidence import genotype_confidence, genotype_record
+
             genotype = model.genotype()
+            confidence = genotype_confidence(model.op_weights(), config.search_ops)  # how sure the search is so far
             model.derive_config().save_pretrained(staged)
-            atomic_write_json(staged / "genotype.json", genotype)
-            atomic_write_json(staged / "search_history.json", {**history, "genotype": genotype})
+            atomic_write_json(staged / "genotype.json", genotype_record(genotype, confidence))
+            atomic_write_json(staged / "search_history.json", {**history, "genotype": genotype,
+                                                               "confidence": confidence})
             what = f"the genotype found so far ({genotype})"
         else:
             target = model.nasiam if architecture == "NASiamForPreTraining" else model

@@ -17,7 +17,6 @@ model card; resumable checkpoints under ``checkpoints/``.
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,11 @@ from typing import Any
 import torch
 
 from .arguments import FinetuneCommand
+from .budget import logging_interval, run_budget
 from .checkpoints import Checkpointer
 from .configuration_nasiam import NASiamConfig
 from .feeds import LoaderFeed
+from .evaluation import binomial_stderr, describe_accuracy, few_queries_warning, wilson_interval
 from .fileio import atomic_write_json, read_json, staged_files
 from .folders import require_model
 from .processing import image_processor_for_splits
@@ -88,11 +89,16 @@ def evaluate_accuracy(model, loader, accelerator) -> dict[str, float | None]:
     finally:
         model.train(was_training)
     num_labels = accelerator.unwrap_model(model).config.num_labels
+    top1 = 100.0 * correct1 / max(seen, 1)
+    low, high = wilson_interval(top1, seen)
     return {
-        "top1": 100.0 * correct1 / max(seen, 1),
+        "top1": top1,
         "top5": 100.0 * correct5 / max(seen, 1) if num_labels >= 5 else None,
         "loss": loss_sum / max(seen, 1),
         "samples": seen,
+        "num_queries": seen,
+        "top1_stderr": binomial_stderr(top1, seen),
+        "top1_ci95": [low, high],
     }
 
 
@@ -173,10 +179,20 @@ def run_finetune(command: FinetuneCommand) -> Path:
     optimizer = build_finetune_optimizer(model, opt.lr, opt.weight_decay, plan.classifier_lr_multiplier,
                                          implementation=speed.optimizer_implementation)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    eval_size = len(splits.eval) if splits.eval is not None else 0
+    accelerator.print(
+        f"finetune data: {len(splits.train)} train images of the {splits.train_source}, "
+        + (f"{eval_size} eval images of the {splits.eval_source}" if eval_size else "no eval images")
+        + f", {splits.num_labels} classes ({', '.join(list(map(str, splits.id2label.values()))[:10])}"
+        + (", ..." if splits.num_labels > 10 else "") + ")"
+    )
+    if eval_size:
+        few = few_queries_warning(eval_size, "fine-tuning top-1", data.max_eval_samples)
+        if few:
+            accelerator.print(few)
     accelerator.print(
         f"finetune: {config.backbone} ({'frozen' if command.model.freeze_backbone else 'trained'} backbone), "
-        f"{splits.num_labels} classes, {len(splits.train)} train images, {trainable:,} trainable parameters, "
-        f"{opt.describe()} (classifier x{plan.classifier_lr_multiplier:g})"
+        f"{trainable:,} trainable parameters, {opt.describe()} (classifier x{plan.classifier_lr_multiplier:g})"
     )
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
@@ -197,20 +213,27 @@ def run_finetune(command: FinetuneCommand) -> Path:
     state = checkpointer.resume(output.resume_from, state)
     output_dir = Path(run.output_dir)
     timer = {"start": time.perf_counter()}
+    # the run's size now, its projected time after a few updates, its checkpoints' disk use at the first one
+    budget = run_budget(accelerator, "finetune", command, opt, train_feed, total_steps, state["global_step"],
+                        len(splits.train))
+    logging_every = logging_interval(run.logging_steps, total_steps)
 
     def on_epoch_end(epoch: int) -> None:
         loss_sum, steps, correct, seen = state["running"]
         loss, accuracy = mean_over_ranks(accelerator, [loss_sum / max(steps, 1), correct / max(seen, 1)])
-        record = {"epoch": epoch, "loss": loss, "train_top1": 100.0 * accuracy,
+        record = {"epoch": epoch, "step": state["global_step"], "loss": loss, "train_top1": 100.0 * accuracy,
                   "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - timer["start"]}
         if eval_loader is not None:
             metrics = evaluate_accuracy(model, eval_loader, accelerator)
-            record.update({"eval_top1": metrics["top1"], "eval_top5": metrics["top5"], "eval_loss": metrics["loss"]})
+            record.update({"eval_top1": metrics["top1"], "eval_top5": metrics["top5"], "eval_loss": metrics["loss"],
+                           "eval_num_queries": metrics["num_queries"], "eval_top1_stderr": metrics["top1_stderr"],
+                           "eval_top1_ci95": metrics["top1_ci95"]})
         state["history"]["epochs"].append(record)
         state["running"] = [0.0, 0, 0, 0]
         accelerator.print(
             f"epoch {epoch}: loss {record['loss']:.4f}, train top-1 {record['train_top1']:.2f}%"
-            + (f", eval top-1 {record['eval_top1']:.2f}%" if "eval_top1" in record else "")
+            + (f", eval top-1 {describe_accuracy(record['eval_top1'], record['eval_num_queries'])}"
+               if "eval_top1" in record else "")
         )
         if command.tracking.with_tracking:
             accelerator.log({k: v for k, v in record.items() if k != "epoch" and v is not None},
@@ -221,10 +244,12 @@ def run_finetune(command: FinetuneCommand) -> Path:
 
     pusher = checkpoint_pusher(command.hub) if accelerator.is_main_process else None
     loop = StepLoop(accelerator, train_feed, state, total_steps, checkpointer, run.checkpoint_every, on_epoch_end,
-                    desc="finetune", after_save=pusher.submit if pusher else None,
+                    desc="finetune", after_save=budget.after_save(pusher.submit if pusher else None),
                     epochs=None if opt.max_train_steps else opt.epochs)
     model.train()
-    for epoch, batches in loop:
+    budget.announce()
+    for epoch, batches in budget.track(loop):
+        lr_used = scheduler.get_last_lr()[0]  # this update's rate (the scheduler steps inside)
         if make_view is not None:
             batches = [make_view(b) for b in batches]
         outs = classification_step(model, batches, optimizer, scheduler, accelerator,
@@ -236,10 +261,22 @@ def run_finetune(command: FinetuneCommand) -> Path:
             state["running"][2] += (out.logits.argmax(dim=1) == batch_data["labels"]).sum().item()
             state["running"][3] += batch_data["labels"].numel()
         loop.set_postfix(loss=f"{loss_value:.4f}")
+        if (state["global_step"] + 1) % logging_every == 0:
+            state["history"].setdefault("steps", []).append(
+                {"step": state["global_step"] + 1, "loss": loss_value, "lr": lr_used})
 
+    outcome = budget.outcome(state["global_step"], learning_rate=opt.lr, base_learning_rate=opt.base_lr,
+                             mixed_precision=accelerator.mixed_precision)
     if accelerator.is_main_process:
         output.write_record()
-        write_finetune_outputs(accelerator.unwrap_model(model), state["history"], output_dir, command, plan, splits)
+        results = write_finetune_outputs(accelerator.unwrap_model(model), state["history"], output_dir, command,
+                                         plan, splits, outcome)
+        tuned = (results or {}).get("fine_tuning")
+        if tuned:
+            accuracy = describe_accuracy(tuned["top1"], tuned["num_queries"])
+            accelerator.print(f"fine-tuning accuracy on the {tuned['split']} split after {tuned['updates']} updates "
+                              f"({tuned['epochs']:.4g} epochs): top-1 {accuracy}"
+                              + (f", top-5 {tuned['top5']:.2f}%" if tuned.get("top5") is not None else ""))
         accelerator.print(f"classifier saved to {output_dir} (AutoModelForImageClassification.from_pretrained)")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -250,8 +287,10 @@ def run_finetune(command: FinetuneCommand) -> Path:
     return output_dir
 
 
-def finetune_eval_results(history: dict, command: FinetuneCommand, splits) -> dict | None:
-    """``{"fine_tuning": {...}}`` from the last epoch with an evaluation (None when nothing was evaluated)."""
+def finetune_eval_results(history: dict, command: FinetuneCommand, splits,
+                          outcome: dict | None = None) -> dict | None:
+    """``{"fine_tuning": {...}}`` from the last epoch with an evaluation (None when nothing was evaluated): top-1 with
+    its standard error and number of queries, and the updates and (fractional) epochs the run did."""
     evaluated = [r for r in history.get("epochs", []) if r.get("eval_top1") is not None]
     if not evaluated:
         return None
@@ -263,81 +302,46 @@ def finetune_eval_results(history: dict, command: FinetuneCommand, splits) -> di
         split = "validation"  # a separate evaluation set, or ImageNet (whose test split has no labels)
     else:
         split = "test"
-    result = {"top1": last["eval_top1"], "top5": last.get("eval_top5"), "dataset_name": splits.name, "split": split,
-              "epochs": len(history["epochs"]), "frozen_backbone": bool(command.model.freeze_backbone),
+    updates = last.get("step", (outcome or {}).get("updates"))
+    per_epoch = (outcome or {}).get("updates_per_epoch")
+    epochs = updates / per_epoch if per_epoch and updates is not None else len(history["epochs"])
+    result = {"top1": last["eval_top1"], "top5": last.get("eval_top5"),
+              "num_queries": last.get("eval_num_queries"), "top1_stderr": last.get("eval_top1_stderr"),
+              "top1_ci95": last.get("eval_top1_ci95"), "dataset_name": splits.name, "split": split,
+              "epochs": round(float(epochs), 4), "updates": updates,
+              "frozen_backbone": bool(command.model.freeze_backbone),
               "base_model": command.model.model_name_or_path}
     return {"fine_tuning": result}
 
 
-def write_finetune_outputs(model, history: dict, output_dir: Path, command: FinetuneCommand, plan, splits) -> None:
-    """The classifier folder: weights and config, image processor, history, eval results, arguments, model card."""
-    from .hub import save_run_metadata, write_model_card
+def write_finetune_outputs(model, history: dict, output_dir: Path, command: FinetuneCommand, plan, splits,
+                           outcome: dict | None = None) -> dict | None:
+    """The classifier folder: weights and config, image processor, history, eval results, arguments (with what the
+    run did), model card (an image-classification card with a Fine-tuning section). Returns the eval results."""
+    from .hub import model_name_of, save_run_metadata, write_model_card
     from .processing import save_image_processor
 
-    eval_results = finetune_eval_results(history, command, splits)
+    eval_results = finetune_eval_results(history, command, splits, outcome)
     with staged_files(output_dir) as staged:  # together: the old classifier or the new one, never a mix
         model.save_pretrained(staged)
         save_image_processor(staged, splits)
         atomic_write_json(staged / HISTORY_FILE, history)
         if eval_results is not None:
             atomic_write_json(staged / EVAL_RESULTS_FILE, eval_results)
-        record = save_run_metadata(staged, command, command=command.name, resolved=plan.to_dict())
+        record = save_run_metadata(staged, command, command=command.name, resolved=plan.to_dict(), outcome=outcome)
+        classifier = {"labels": list(splits.id2label.values()), "num_labels": splits.num_labels,
+                      "dataset_name": splits.name, "frozen_backbone": bool(command.model.freeze_backbone)}
         write_model_card(staged, model.config, training_args=read_json(record), eval_results=eval_results,
-                         dataset_name=splits.name, base_model=_hub_model_id(command.model.model_name_or_path))
-        finish_classifier_card(staged, eval_results, splits)
-
-
-def finish_classifier_card(folder: Path, eval_results: dict | None, splits) -> Path:
-    """Turn the pretraining-style card into a classifier's: pipeline tag ``image-classification``, the labels and the
-    measured fine-tuning accuracy (a section of its own, and the model-index when ``hub`` does not add it)."""
-    from huggingface_hub import EvalResult, ModelCard
-
-    from .fileio import atomic_write_text
-    from .hub import hub_dataset_id
-
-    path = Path(folder) / "README.md"
-    card = ModelCard.load(path)
-    card.data.pipeline_tag = "image-classification"
-    tags = list(card.data.tags or [])
-    card.data.tags = [t for t in tags if t != "image-feature-extraction"] + ["image-classification"]
-    result = (eval_results or {}).get("fine_tuning")
-    lines = ["", "## Fine-tuning", ""]
-    how = "frozen backbone, linear classifier trained" if result and result["frozen_backbone"] else \
-        "backbone and linear classifier trained together"
-    lines.append(f"This checkpoint is a classifier over {splits.num_labels} classes "
-                 f"({', '.join(list(splits.id2label.values())[:10])}{', ...' if splits.num_labels > 10 else ''}), "
-                 f"fine-tuned on {splits.name} with `nasiam-finetune` ({how}).")
-    if result:
-        top5 = f", top-5 {result['top5']:.2f} %" if result.get("top5") is not None else ""
-        lines.append(f"Measured accuracy on the {result['split']} split after {result['epochs']} epochs: "
-                     f"top-1 {result['top1']:.2f} %{top5}.")
-        existing = list(card.data.eval_results or [])
-        if not any(getattr(e, "metric_config", None) == "fine-tuning" for e in existing):
-            existing.append(EvalResult(
-                task_type="image-classification", task_name="Image Classification",
-                dataset_type=hub_dataset_id(splits.name) or splits.name,
-                dataset_name=splits.name, dataset_split=result["split"], metric_type="accuracy",
-                metric_value=float(result["top1"]), metric_name="Fine-tuning top-1 accuracy (%)",
-                metric_config="fine-tuning"))
-            card.data.eval_results = existing
-            card.data.model_name = card.data.model_name or Path(folder).name
-        # the generic card knows only probe/kNN results: point its "no evaluation" paragraph to ours
-        card.text = re.sub(r"No evaluation was run for this checkpoint.*?(?=\n\n)",
-                           "The fine-tuning accuracy of this classifier is in the [Fine-tuning](#fine-tuning) section.",
-                           card.text, count=1, flags=re.DOTALL)
-    lines += ["", "```python", "import nasiam_hf  # or trust_remote_code=True without the package",
-              "from transformers import pipeline", "",
-              'classifier = pipeline("image-classification", model="path/to/this/folder")',
-              'print(classifier("image.png"))', "```", ""]
-    atomic_write_text(path, str(card).rstrip() + "\n" + "\n".join(lines))
-    return path
+                         dataset_name=splits.name, base_model=_hub_model_id(command.model.model_name_or_path),
+                         model_name=model_name_of(command.run.output_dir, command.hub.hub_model_id),
+                         repo_id=command.hub.hub_model_id, classifier=classifier)
+    return eval_results
 
 
 __all__ = [
     "build_finetune_optimizer",
     "evaluate_accuracy",
     "finetune_eval_results",
-    "finish_classifier_card",
     "load_classifier",
     "run_finetune",
     "write_finetune_outputs",

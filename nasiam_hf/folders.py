@@ -360,16 +360,19 @@ def _refuse(info: FolderInfo, flag: str, needed: str, use: str, error=FolderKind
 
 
 def require_genotype_source(path: str | os.PathLike, flag: str = "--genotype") -> FolderInfo:
-    """A folder to take a genotype from: a finished search, a NASiam model or a NASiam config (presets are names and
-    are handled before this check)."""
+    """A folder to take a genotype from: a finished search, a NASiam model or a NASiam config; or a genotype file of
+    its own (``.json``: read and checked by :func:`nasiam_hf.plans.genotype_values`). Presets are names and are
+    handled before this check."""
     info = inspect_path(path)
     if info.kind in (FolderKind.SEARCH_OUTPUT, FolderKind.MODEL, FolderKind.CONFIG_ONLY):
         return info
+    if info.kind is FolderKind.FILE and info.path.suffix.lower() == ".json":
+        return info
     if info.kind is FolderKind.MISSING:
-        raise FolderKindError(f"{flag} {str(path)!r} is neither a folder nor a preset"
+        raise FolderKindError(f"{flag} {str(path)!r} is neither a folder nor a preset (nor a .json genotype file)"
                               f"{did_you_mean(path, PRESETS)}; presets: {sorted(PRESETS)}")
-    _refuse(info, flag, "a finished search output (config.json + genotype.json) or a NASiam model folder",
-            "genotype")
+    _refuse(info, flag, "a finished search output (config.json + genotype.json), a NASiam model folder or a "
+            "genotype file (.json with projector and predictor lists)", "genotype")
 
 
 def require_model(path: str | os.PathLike, flag: str = "--model_name_or_path", purpose: str = "this command",

@@ -50,7 +50,7 @@ def refresh_model_card(folder: Path, config, eval_results: dict, dataset_name: s
 def run_linear_eval(command: LinearEvalCommand) -> dict:
     """Linear probe (and kNN) on the frozen backbone features of a saved model; results to ``eval_results.json``."""
     from .data import load_splits, make_loader, view_dataset_for
-    from .evaluation import extract_features, knn_accuracy, knn_neighbourhood
+    from .evaluation import describe_accuracy, extract_features, few_queries_warning, knn_accuracy, knn_neighbourhood
     from .linear_probe import (
         LinearProbeConfig, evaluate_classifier, fit_probe_batch, train_linear_probe, train_linear_probe_on_images,
     )
@@ -78,6 +78,16 @@ def run_linear_eval(command: LinearEvalCommand) -> dict:
             f"{splits.name!r} has no evaluation split: pass --validation_file or --validation_dir (or --eval_split)"
         )
     plan = plan_linear_eval(command, splits.policy, model.config.framework)
+    split = data.eval_split or ("validation" if (data.validation_file or data.validation_dir) else "test")
+    accelerator.print(
+        f"linear evaluation data: {len(splits.train)} train images of the {splits.train_source} (the probe's "
+        f"training set and the kNN memory), {len(splits.eval)} eval images of the {splits.eval_source} (the "
+        f"'{split}' queries), {splits.num_labels} classes "
+        f"({', '.join(list(map(str, splits.id2label.values()))[:10])}{', ...' if splits.num_labels > 10 else ''})"
+    )
+    few = few_queries_warning(len(splits.eval), "linear probe and kNN top-1", data.max_eval_samples)
+    if few:
+        accelerator.print(few)
     encoder = model.backbone.eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
@@ -122,7 +132,6 @@ def run_linear_eval(command: LinearEvalCommand) -> dict:
     note = knn_neighbourhood(knn_args.knn_k, train_labels)[1]
     if note is not None:
         accelerator.print(f"warning: {note}")
-    split = data.eval_split or ("validation" if (data.validation_file or data.validation_dir) else "test")
     results = {
         "linear_probe": {**linear, "dataset_name": splits.name, "split": split, "epochs": probe.epochs,
                          "lr": lr, "base_lr": rate.base_lr, "global_batch": global_batch,
@@ -132,9 +141,12 @@ def run_linear_eval(command: LinearEvalCommand) -> dict:
                 "dataset_name": splits.name, "split": split},
     }
     accelerator.print(
-        f"linear probe top-1 {linear['top1']:.2f}%" + (f", top-5 {linear['top5']:.2f}%" if "top5" in linear else "")
-        + f"; kNN top-1 {knn['top1']:.2f}%"
+        f"linear probe top-1 {describe_accuracy(linear['top1'], linear['num_queries'])}"
+        + (f", top-5 {linear['top5']:.2f}%" if "top5" in linear else "")
     )
+    accelerator.print(f"kNN (k {knn['k']}, temperature {knn_args.knn_temperature:g}) top-1 "
+                      f"{describe_accuracy(knn['top1'], knn['num_queries'])}"
+                      + (f", top-5 {knn['top5']:.2f}%" if "top5" in knn else ""))
     if accelerator.is_main_process:
         merged = merge_eval_results(output_dir, results)
         atomic_write_json(output_dir / "linear_probe_history.json", history)

@@ -6,6 +6,7 @@ Kept apart from both so that neither imports the other for them (no import circl
 from __future__ import annotations
 
 import importlib
+import os
 import socket
 
 

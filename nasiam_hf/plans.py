@@ -18,11 +18,11 @@ from .arguments import (
     SearchCommand,
 )
 from .backbones import backbone_config_values, is_torchvision_backbone
-from .configuration_nasiam import FRAMEWORK_DEFAULTS, NASiamConfig, check_preset
+from .configuration_nasiam import FRAMEWORK_DEFAULTS, NASiamConfig
 from .errors import UsageError
-from .folders import require_genotype_source
+from .genotype_files import genotype_source_record, genotype_values
 from .optimization import scaled_lr
-from .presets import PRESETS, recipe_for_policy, resolve_recipe
+from .presets import recipe_for_policy, resolve_recipe
 from .search_methods import SearchVariant
 
 # Which frameworks each framework-specific flag applies to (the others would silently ignore it).
@@ -33,9 +33,6 @@ FLAG_FRAMEWORKS = {
     "predictor_layers": ("simsiam", "byol"),
     "no_fix_predictor_lr": ("simsiam",),
 }
-# Config keys recorded by transformers that a derived config must not carry over.
-_RECORDED_KEYS = ("model_type", "transformers_version", "architectures", "auto_map", "stage_names", "out_features",
-                  "out_indices")
 
 
 def check_objective_flags(objective: ObjectiveArguments, framework: str, **others: Any) -> None:
@@ -247,17 +244,6 @@ class PretrainPlan:
         return dataclasses.asdict(self)
 
 
-def genotype_values(genotype: str) -> dict[str, Any]:
-    """Config values of ``--genotype``: a search output folder, a paper preset or ``<framework>-baseline``."""
-    if genotype not in PRESETS:
-        require_genotype_source(genotype)  # a search output or model folder, not a run still going, a checkpoint...
-        values = NASiamConfig.from_pretrained(genotype).to_dict()
-        for key in _RECORDED_KEYS:
-            values.pop(key, None)
-        return values
-    return check_preset(genotype)
-
-
 def check_pretrain_flags(command: PretrainCommand) -> dict[str, Any]:
     """Before any data: refuse the flags the genotype's framework would ignore; returns the backbone's config
     values (empty: the genotype's backbone)."""
@@ -371,6 +357,7 @@ __all__ = [
     "check_objective_flags",
     "check_pretrain_flags",
     "check_search_flags",
+    "genotype_source_record",
     "genotype_values",
     "optimization_plan",
     "plan_finetune",

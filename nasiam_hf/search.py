@@ -28,7 +28,9 @@ from .search_methods import (
     alpha_hessian_top_eigenvalue, alpha_objective, apply_schedule, beta_regularizer, cache_backbone_features,
     derive_genotype, genotype_shares,
 )
+from .budget import logging_interval, run_budget
 from .checkpoints import Checkpointer
+from .confidence import describe_confidence, genotype_confidence, genotype_record, undecided_warning
 from .feeds import cycle_batches, first_batches, num_samples, view_feed
 from .loop import StepLoop, restore_positions
 from .run_lock import releases_output_dir
@@ -113,14 +115,17 @@ def genotype_summary(genotype: dict[str, list[str]]) -> str:
 
 def search_epoch_record(model: NASiamForArchitectureSearch, epoch: int, train_loss: float, val_loss: float,
                         collapse: float, lr: float, schedule: dict[str, float] | None = None,
-                        hessian_eigenvalue: float | None = None) -> dict:
+                        hessian_eigenvalue: float | None = None, step: int | None = None) -> dict:
     """One epoch of ``search_history.json``: losses, the collapse statistic, the shares of identity and
     parameter-free ops in the current genotype, the variant's schedule values, the alphas' Hessian eigenvalue (on
-    the epochs it is measured) and the op weights."""
-    record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "collapse_std": collapse,
-              **genotype_shares(model), "lr": lr, **(schedule or {}),
+    the epochs it is measured), the op weights and the confidence of the current argmax in every layer
+    (:func:`~nasiam_hf.confidence.genotype_confidence`); ``step``: the updates done at the epoch's end."""
+    weights = model.op_weights()
+    record = {"epoch": epoch, **({"step": step} if step is not None else {}), "train_loss": train_loss,
+              "val_loss": val_loss, "collapse_std": collapse, **genotype_shares(model), "lr": lr, **(schedule or {}),
               "beta_regularizer": float(beta_regularizer(model.arch_parameters(), 1.0).detach()),
-              "genotype": model.genotype(), "op_weights": model.op_weights()}
+              "genotype": model.genotype(), "op_weights": weights,
+              "confidence": genotype_confidence(weights, model.config.search_ops)}
     if hessian_eigenvalue is not None:
         record["alpha_hessian_top_eigenvalue"] = hessian_eigenvalue
     return record
@@ -129,9 +134,11 @@ def search_epoch_record(model: NASiamForArchitectureSearch, epoch: int, train_lo
 def write_search_outputs(model: NASiamForArchitectureSearch, history: dict, output_dir: str | Path,
                          command: SearchCommand | None = None, plan: SearchPlan | None = None,
                          genotype: dict[str, list[str]] | None = None,
-                         starting_point: dict | None = None) -> NASiamConfig:
+                         starting_point: dict | None = None, confidence: dict | None = None,
+                         outcome: dict | None = None) -> NASiamConfig:
     """config.json (a pretraining-ready NASiamConfig of ``genotype``, default the argmax of the alphas),
-    genotype.json, search_history.json, the run record and the plots, published together."""
+    genotype.json (with the per-layer ``confidence``), search_history.json, the run record (with the run's
+    ``outcome``) and the plots, published together."""
     from .hub import plot_genotype, plot_search_history, save_run_metadata
 
     genotype = genotype or model.genotype()
@@ -139,11 +146,12 @@ def write_search_outputs(model: NASiamForArchitectureSearch, history: dict, outp
                                  predictor_genotype=genotype.get("predictor"))
     with staged_files(output_dir) as staged:
         config.save_pretrained(staged)
-        atomic_write_json(staged / "genotype.json", genotype)
+        atomic_write_json(staged / "genotype.json", genotype_record(genotype, confidence))
         atomic_write_json(staged / "search_history.json", history)
         if command is not None:
             save_run_metadata(staged, command, command=command.name,
-                              resolved=plan.to_dict() if plan is not None else None, starting_point=starting_point)
+                              resolved=plan.to_dict() if plan is not None else None, starting_point=starting_point,
+                              outcome=outcome)
         plot_search_history(history, staged)
         plot_genotype(config, staged / "genotype.png")
     return config
@@ -217,6 +225,13 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
              "history": {"ops": list(config.search_ops), "epochs": []}, "running": [0.0, 0.0, 0.0, 0, 0]}
     state = checkpointer.resume(output.resume_from, state)
     restore_positions(state, {"train": train_feed, "val": val_feed})
+    # the run's size now, its projected time after a few updates, its checkpoints' disk use at the first one
+    budget = run_budget(accelerator, "search", command, opt, train_feed, total_steps, state["global_step"],
+                        num_samples(train_half), note="plus as many images of the validation half for the alpha steps")
+    logging_every = logging_interval(run.logging_steps, total_steps)
+    state["history"]["updates_per_epoch"] = train_feed.updates_in_epoch(0)
+    # a run of under two epochs is plotted against updates: its logged steps also keep the op weights
+    short = budget.size.epochs_of(total_steps) is not None and budget.size.epochs_of(total_steps) < 2
 
     sums = DeviceSums(4)  # train loss, val loss, collapse std, bad images of the updates not yet folded in
 
@@ -229,7 +244,7 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
         means = mean_over_ranks(accelerator, [r / max(running[-1], 1) for r in running[:3]])
         eigenvalue = alpha_hessian_top_eigenvalue(supernet, probe_batches()) if variant.hessian_due(epoch) else None
         record = search_epoch_record(supernet, epoch, *means, lr=scheduler.get_last_lr()[0], schedule=schedule,
-                                     hessian_eigenvalue=eigenvalue)
+                                     hessian_eigenvalue=eigenvalue, step=state["global_step"])
         report_bad_images(accelerator, record, running[3], epoch)
         state["history"]["epochs"].append(record)
         state["running"] = [0.0, 0.0, 0.0, 0, 0]
@@ -241,11 +256,14 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     val_iter = cycle_batches(val_feed, state, "val")
     pusher = checkpoint_pusher(command.hub) if accelerator.is_main_process else None
     loop = StepLoop(accelerator, train_feed, state, total_steps, checkpointer, run.checkpoint_every, on_epoch_end,
-                    desc="search", before_save=fold_sums, after_save=pusher.submit if pusher else None,
+                    desc="search", before_save=fold_sums,
+                    after_save=budget.after_save(pusher.submit if pusher else None),
                     epochs=None if opt.max_train_steps else opt.epochs, other_feeds={"val": val_feed})
     model.train()
     schedule = apply_schedule(supernet, variant, state["global_step"] / total_steps)
-    for epoch, train_batches in loop:
+    budget.announce()
+    for epoch, train_batches in budget.track(loop):
+        lr_used = scheduler.get_last_lr()[0]  # this update's rate (the scheduler steps inside)
         progress = state["global_step"] / total_steps
         schedule = apply_schedule(supernet, variant, progress)  # DARTS-: this update's skip weight
         # what goes wrong with this rank's validation data waits for the update's decision, the training
@@ -268,21 +286,36 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
         w_out = weight_step(model, train_batches, weight_optimizer, scheduler, accelerator, momentum,
                             guard=loop.guard, max_grad_norm=opt.max_grad_norm)
         sums.add(mean_loss(w_out), mean_loss(a_out), w_out[-1].collapse_std, bad)
-        if (state["global_step"] + 1) % run.logging_steps == 0:
+        if (state["global_step"] + 1) % logging_every == 0:
             means = fold_sums()
+            state["history"].setdefault("steps", []).append(
+                {"step": state["global_step"] + 1, "train_loss": means[0], "val_loss": means[1],
+                 "lr": lr_used, **({"op_weights": supernet.op_weights()} if short else {})})
             loop.set_postfix(loss=f"{means[0]:.3f}", val=f"{means[1]:.3f}",
                              genotype=genotype_summary(supernet.genotype()))
 
     apply_schedule(supernet, variant, 1.0)  # DARTS-: the skip is gone when the genotype is read off
     discretization = derive_genotype(supernet, variant,
                                      probe_batches() if variant.discretization == "perturbation" else None)
+    confidence = genotype_confidence(
+        supernet.op_weights(), config.search_ops, discretization.genotype,
+        discretization.table if variant.discretization == "perturbation" else None)
     state["history"]["genotype"] = discretization.genotype
     state["history"]["discretization"] = discretization.to_dict()
+    state["history"]["confidence"] = confidence
+    outcome = budget.outcome(state["global_step"], learning_rate=opt.lr, base_learning_rate=opt.base_lr,
+                             mixed_precision=accelerator.mixed_precision)
     if accelerator.is_main_process:
         output.write_record()
         final = write_search_outputs(supernet, state["history"], run.output_dir, command, plan,
-                                     genotype=discretization.genotype, starting_point=starting_point)
+                                     genotype=discretization.genotype, starting_point=starting_point,
+                                     confidence=confidence, outcome=outcome)
         accelerator.print(f"genotype: projector {final.projector_genotype}, predictor {final.predictor_genotype}")
+        for line in describe_confidence(confidence):
+            accelerator.print(f"  {line}")
+        warning = undecided_warning(confidence, config.framework)
+        if warning:
+            accelerator.print(warning)
         accelerator.print(f"search outputs written to {run.output_dir}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

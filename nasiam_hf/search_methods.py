@@ -15,6 +15,10 @@ Plain first-order DARTS (the paper's Algorithm 1) stays the default. Beside it, 
   are cheap to evaluate, not to retrain).
 * A cap on the parameter-free layers (identity, pools) a head may keep, applied to either discretisation.
 
+How sure the genotype is, layer by layer (the chosen op's weight, its margin over the runner-up, the entropy of the
+layer's weights relative to uniform; for DARTS-PT the loss increases), and the rule that calls a layer decided, are in
+:mod:`nasiam_hf.confidence`; :func:`genotype_confidence` is re-exported here.
+
 Diagnostics for every epoch: the identity and parameter-free shares of the current genotype and the largest
 eigenvalue of the Hessian of the validation loss with respect to the alphas (exact: the Hessian has about 70 x 70
 entries), the curvature that rises before DARTS collapses (Zela et al., ICLR 2020).
@@ -34,6 +38,7 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
+from .confidence import DECIDED_RULE, genotype_confidence, undecided_layers
 from .heads import SearchCell
 from .objectives import full, siamese_loss
 from .search_space import OPS, identity_share, is_parameter_free, parameter_free_share
@@ -401,6 +406,7 @@ def alpha_hessian_top_eigenvalue(model: nn.Module, cached: Sequence[CachedViews]
 
 __all__ = [
     "CachedViews",
+    "DECIDED_RULE",
     "DISCRETIZATIONS",
     "Discretization",
     "SEARCH_METHODS",
@@ -415,6 +421,7 @@ __all__ = [
     "beta_regularizer",
     "cache_backbone_features",
     "derive_genotype",
+    "genotype_confidence",
     "genotype_shares",
     "head_loss",
     "mean_head_loss",
@@ -422,4 +429,5 @@ __all__ = [
     "perturbation_select",
     "preserved_buffers",
     "set_aux_skip_weight",
+    "undecided_layers",
 ]

@@ -13,11 +13,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttenti
 from nasiam_hf import NASiamConfig, NASiamModel
 from nasiam_hf.evaluation import (
     KNNNeighbourhoodWarning,
+    binomial_stderr,
+    describe_accuracy,
     evaluate_knn,
     extract_features,
+    few_queries_warning,
     knn_accuracy,
     knn_neighbourhood,
     knn_predict,
+    wilson_interval,
 )
 from nasiam_hf.linear_probe import (
     LinearProbeConfig,
@@ -28,6 +32,8 @@ from nasiam_hf.linear_probe import (
     train_linear_probe_on_images,
 )
 from nasiam_hf.optimization import cosine_factor
+
+ERROR_KEYS = ("num_queries", "top1_stderr", "top1_ci95")
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +128,22 @@ def test_knn_neighbourhood_rule():
     assert knn_neighbourhood(200, labels) == (200, None)
     used, note = knn_neighbourhood(200, labels[:1000])  # 100 per class
     assert used == 200 and "above the average class size of the memory (100.0 images: 1000 over 10 classes)" in note
-    assert "k <= 100" in note
+    assert "use a larger memory or --knn_k 100 or less" in note
     used, note = knn_neighbourhood(200, labels[:64])
-    assert used == 64 and "k=200 is more than the 64 memory images: the vote uses k=64" in note
+    assert used == 64 and "--knn_k 200 is more than the 64 memory images: the vote uses k=64" in note
+
+
+def test_an_accuracy_comes_with_its_error_and_query_count():
+    # 6 right of 20: p = 0.3, standard error sqrt(0.3 * 0.7 / 20) = 0.10247, in points
+    assert binomial_stderr(30.0, 20) == pytest.approx(10.247, abs=1e-3)
+    assert binomial_stderr(50.0, 10000) == pytest.approx(0.5)
+    low, high = wilson_interval(30.0, 20)  # Wilson's interval, worked by hand: centre 0.3322, half-width 0.1868
+    assert (low, high) == (pytest.approx(14.55, abs=0.01), pytest.approx(51.90, abs=0.01))
+    assert describe_accuracy(30.0, 20) == "30.00% ± 10.25 (95 % CI 14.5-51.9, 20 queries)"
+    warning = few_queries_warning(20, "kNN monitor top-1", max_eval_samples=20)
+    assert "measured on 20 images only: one image moves it by 5.00 points" in warning
+    assert "--validation_file" in warning and "--max_eval_samples 20 keeps only that many" in warning
+    assert few_queries_warning(200, "kNN monitor top-1") is None
 
 
 def test_a_tiny_memory_gives_every_query_the_majority_class_and_says_so():
@@ -153,14 +172,16 @@ def test_knn_accuracy_top5_only_with_five_classes():
     memory, labels = gaussian_clusters(6, 10, 8, spread=0.1, seed=1)
     queries, query_labels = gaussian_clusters(6, 3, 8, spread=0.1, seed=1, noise_seed=100)
     result = knn_accuracy(memory, labels, queries, query_labels, num_classes=6, k=5)
-    assert set(result) == {"top1", "top5", "k"} and result["k"] == 5
+    assert set(result) == {"top1", "top5", "k", *ERROR_KEYS} and result["k"] == 5
     assert result["top1"] == pytest.approx(100.0) and result["top5"] == pytest.approx(100.0)
+    assert result["num_queries"] == 18 and result["top1_stderr"] == 0.0  # 18 of 18 right: sqrt(1 * 0 / 18)
+    assert result["top1_ci95"][0] == pytest.approx(100 * 18 / (18 + 1.96 ** 2))  # Wilson's lower bound at p = 1
     wrong = knn_accuracy(memory, labels, queries, (query_labels + 1) % 6, num_classes=6, k=5)
     assert wrong["top1"] == pytest.approx(0.0)
 
     keep = labels < 3
     few = knn_accuracy(memory[keep], labels[keep], queries[query_labels < 3], query_labels[query_labels < 3], 3, k=5)
-    assert set(few) == {"top1", "k"}
+    assert set(few) == {"top1", "k", *ERROR_KEYS}
 
 
 # ----------------------------------------------------------------------------------------------- feature extraction
@@ -252,7 +273,8 @@ def test_evaluate_classifier_top5_and_mode():
     classifier.train()
     evaluate_classifier(classifier, features, labels)
     assert classifier.training
-    assert set(evaluate_classifier(nn.Linear(6, 4), features, labels % 4)) == {"top1"}
+    assert set(evaluate_classifier(nn.Linear(6, 4), features, labels % 4)) == {"top1", *ERROR_KEYS}
+    assert result["num_queries"] == 4 and result["top1_stderr"] == pytest.approx(100 * (0.25 * 0.75 / 4) ** 0.5)
 
 
 def test_linear_probe_config_validation():
@@ -370,7 +392,7 @@ def test_evaluate_knn_end_to_end_with_nasiam_model(accelerator):
     with pytest.warns(KNNNeighbourhoodWarning, match="more than the 14 memory images: the vote uses k=14"):
         result = evaluate_knn(model, memory_loader, query_loader, accelerator, num_classes=5, k=200,
                               temperature=0.2)
-    assert set(result) == {"top1", "top5", "k"} and result["k"] == 14
+    assert set(result) == {"top1", "top5", "k", *ERROR_KEYS} and result["k"] == 14 and result["num_queries"] == 6
     assert 0.0 <= result["top1"] <= 100.0
     assert result["top5"] == pytest.approx(100.0)  # 5 classes: every label is in the top 5
 

@@ -134,7 +134,7 @@ def test_every_kind_is_recognised(kinds):
 
 # What each use accepts; everything else must be refused with a message naming what was found.
 ACCEPTS = {
-    "genotype": {"model", "config_only", "search_output"},
+    "genotype": {"model", "config_only", "search_output", "file"},  # a .json file: a genotype file, read later
     "model": {"model"},
     "checkpoint": {"checkpoint"},
 }

@@ -26,6 +26,7 @@ from nasiam_hf.hub import (
     save_run_metadata,
     write_model_card,
 )
+from nasiam_hf.hub.plots import training_figures
 from nasiam_hf.search_space import SEARCH_SPACES
 
 
@@ -110,7 +111,8 @@ def _assert_png(path):
 
 def test_plot_search_history_writes_alphas_and_losses(tmp_path):
     written = plot_search_history(_search_history(), tmp_path)
-    assert [p.name for p in written] == ["alphas.png", "search_loss.png", "search_diagnostics.png"]
+    assert [p.name for p in written] == ["alphas.png", "search_loss.png", "search_confidence.png",
+                                         "search_diagnostics.png"]
     for path in written:
         _assert_png(path)
     # A projector-only search (SimCLR, MoCo v2) and a single epoch plot too.
@@ -130,9 +132,16 @@ def test_plot_training_history_writes_three_curves(tmp_path):
     assert [p.name for p in written] == ["loss.png", "knn_accuracy.png", "collapse.png"]
     for path in written:
         _assert_png(path)
+    figures = training_figures(history)
+    loss_axes, lr_axes = figures["loss.png"].axes  # the learning rate on an axis of its own
+    assert loss_axes.get_lines()[0].get_xydata().tolist() == [[e + 1, -0.2 * e] for e in range(4)]
+    assert lr_axes.get_ylabel() == "learning rate"
+    assert lr_axes.get_lines()[0].get_ydata().tolist() == [0.06 * (1 - e / 4) for e in range(4)]
+    assert figures["knn_accuracy.png"].axes[0].get_lines()[0].get_xydata().tolist() == [[2, 31.0], [4, 33.0]]
+    # no kNN measured: no kNN plot at all (no placeholder)
     no_knn = {"epochs": [{"epoch": 0, "loss": 1.0, "collapse_std": 0.01, "lr": 0.1, "knn_top1": None}]}
-    for path in plot_training_history(no_knn, tmp_path / "no_knn"):
-        _assert_png(path)
+    written = plot_training_history(no_knn, tmp_path / "no_knn")
+    assert [p.name for p in written] == ["loss.png", "collapse.png"]
     with pytest.raises(ValueError, match="epochs"):
         plot_training_history({"epochs": []}, tmp_path)
 
@@ -200,7 +209,7 @@ def test_model_card_with_eval_results(tmp_path):
     assert _table_ops(text, "Predictor:") == config.predictor_genotype
     assert "![Genotype of the heads](genotype.png)" in text
     assert "91.37" in text and "88.12" in text and "47.25" in text  # measured numbers, and only those
-    assert "training_args.json" in text and "| Epochs | 800 |" in text
+    assert "training_args.json" in text and "| Epochs (planned) | 800 |" in text  # no outcome: said to be a plan
     assert "hf_secret" not in text
     assert "trust_remote_code=True" in text and "AutoModelForImageClassification" in text
     assert 'AutoModel.from_pretrained("someone/nasiam-simsiam-r18")' in text

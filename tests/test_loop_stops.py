@@ -21,7 +21,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from conftest import REPO_ROOT, accelerate_launch, cli_env, write_image_parquet
+from conftest import REPO_ROOT, accelerate_launch, cli_env
 from PIL import Image
 
 from nasiam_hf import NASiamConfig, NASiamForPreTraining

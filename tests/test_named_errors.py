@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from image_data import cifar_images, encode, write_parquet, write_tar
+from image_data import cifar_images, encode, write_tar
 from nasiam_hf import NASiamConfig, NASiamModel
 from nasiam_hf.commands import convert as convert_command
 from nasiam_hf.commands import finetune as finetune_command

@@ -79,7 +79,43 @@ def test_snippet_runs(index, placeholders, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
+    namespace = {"__name__": f"readme_snippet_{index}"}
     try:
-        exec(compile(code, f"README.md downstream snippet {index}", "exec"), {"__name__": f"readme_snippet_{index}"})
+        exec(compile(code, f"README.md downstream snippet {index}", "exec"), namespace)
+        for marker, check in STATED.items():  # what the snippet's comments say it gives
+            if marker in code:
+                check(namespace, placeholders)
     finally:
         torch.set_num_threads(previous)
+
+
+def _same_features(ns, placeholders):
+    """``features`` is (1, 512) and the pipeline's pooled output is "the same features"."""
+    assert tuple(ns["features"].shape) == (1, 512)
+    pooled = torch.tensor(ns["pooled"], dtype=torch.float32).reshape(1, -1)
+    torch.testing.assert_close(pooled, ns["features"], rtol=1e-4, atol=1e-5)
+
+
+def _predictions(ns, placeholders):
+    """``[{"label": ..., "score": ...}, ...]`` over the classifier's labels."""
+    assert {p["label"] for p in ns["predictions"]} == {"plane", "car"}
+    assert sum(p["score"] for p in ns["predictions"]) == pytest.approx(1.0, abs=1e-4)
+    assert ns["out"].loss.ndim == 0 and ns["out"].logits.shape == (4, 3)
+
+
+def _channels(ns, placeholders):
+    assert ns["backbone"].channels == [256, 512]  # "[256, 512] for a ResNet-18"
+
+
+def _round_trip(ns, placeholders):
+    """The torchvision export, the ResNet built from it and the NASiamModel imported back give the same features."""
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = NASiamModel.from_pretrained(placeholders["path/to/model"]).eval()(x).pooler_output
+        torch.testing.assert_close(ns["resnet"](x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ns["model"].eval()(x).pooler_output, expected, rtol=1e-4, atol=1e-5)
+    assert not ns["resnet"].training  # "eval mode"
+
+
+STATED = {"pooled = extractor(": _same_features, "predictions = classifier(": _predictions,
+          "backbone.channels": _channels, "torchvision_resnet(": _round_trip}

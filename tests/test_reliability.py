@@ -5,10 +5,7 @@ import json
 import os
 import pathlib
 import re
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

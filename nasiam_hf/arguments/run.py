@@ -154,8 +154,9 @@ class RunArguments:
     checkpoints_total_limit: int = flag(2, "How many checkpoints to keep.", resume="free")
     resume_from_checkpoint: str | None = flag(
         None, "A checkpoint folder, or 'latest' for the newest intact one in --output_dir.", resume="free")
-    logging_steps: int = flag(
-        25, "Refresh the progress-bar losses every N updates (reading them waits for the device).", resume="free")
+    logging_steps: int | None = flag(
+        None, "Read out the loss (progress bar, history, loss plot) every N updates; reading waits for the device "
+              "(default: 25, or fewer in a short run so it shows its loss about ten times).", resume="free")
     debug: bool = flag(False, "Print the full traceback of an error (also: NASIAM_DEBUG=1).", resume="free")
 
     def __post_init__(self):

@@ -15,16 +15,27 @@ JSON files read here (written by the engines):
 ``training_history.json``::
 
     {"collapse_reference": float (optional, 1/sqrt(projection_dim)),
-     "epochs": [{"epoch": int, "loss": float, "collapse_std": float, "lr": float,
-                 "knn_top1": float in percent | null (epochs without a kNN evaluation)}, ...]}
+     "updates_per_epoch": int | null,
+     "epochs": [{"epoch": int, "step": int (updates done at its end), "loss": float, "collapse_std": float,
+                 "lr": float, "knn_top1": float in percent | null (epochs without a kNN evaluation),
+                 "knn_top1_stderr": float, "knn_num_queries": int}, ...],
+     "steps": [{"step": int, "loss": float, "lr": float}, ...] (every logging interval),
+     "knn_steps": [{"step": int, "knn_top1": float, ...}, ...] (``--knn_every Nsteps``)}
 
-``eval_results.json`` (written by the linear evaluation; either key may be missing)::
+``search_history.json`` also holds ``steps`` (``train_loss``, ``val_loss``, ``lr``), a ``confidence`` per epoch
+and the final ``confidence`` (:func:`nasiam_hf.confidence.genotype_confidence`).
 
-    {"linear_probe": {"top1": float (%), "top5": float (%), "dataset_name": str, "split": str, "epochs": int},
-     "knn": {"top1": float (%), "k": int, "temperature": float, "dataset_name": str, "split": str}}
+``eval_results.json`` (written by the linear evaluation and the fine-tuning; any key may be missing)::
+
+    {"linear_probe": {"top1": float (%), "top5": float (%), "num_queries": int, "top1_stderr": float (points),
+                      "top1_ci95": [low, high], "dataset_name": str, "split": str, "epochs": int},
+     "knn": {"top1": float (%), "k": int, "temperature": float, "num_queries": int, "top1_stderr": float, ...},
+     "fine_tuning": {"top1": float (%), "num_queries": int, "top1_stderr": float, "epochs": float,
+                     "updates": int, ...}}
 """
 
 from .card import hub_dataset_id, write_model_card
+from .card_rows import model_name_of
 from .diagram import plot_genotype
 from .metadata import package_versions, redact_secrets, save_run_metadata
 from .names import CITATION
@@ -36,6 +47,7 @@ __all__ = [
     "DEFAULT_IGNORE_PATTERNS",
     "OP_COLOURS",
     "hub_dataset_id",
+    "model_name_of",
     "offline_mode",
     "op_colour",
     "package_versions",

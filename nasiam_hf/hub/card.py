@@ -1,5 +1,6 @@
 """The Hub model card of a NASiam model, from ``model_cards/template.md``: metadata (model-index from measured results
-only), genotype, recipe, results, usage and citation."""
+only), genotype (with the search's confidence), what the run did, results with their error, fine-tuning, usage and
+citation. The figures come from :mod:`nasiam_hf.hub.card_rows`."""
 
 from __future__ import annotations
 
@@ -10,20 +11,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..confidence import DECIDED_RULE, confidence_summary
 from ..data import DATASET_ALIASES
 from ..fileio import atomic_write_text
 from ..presets import BASELINE_PRESETS, PAPER_PRESETS
 from ..search_space import has_width_adapter, identity_share
-from .metadata import redact_secrets
 from .names import (
     BACKBONE_NAMES, CITATION, DATASET_PRETTY_NAMES, FRAMEWORK_NAMES, OUTPUT_LAYER_NAMES, PAPER_ARXIV_ID, PAPER_TITLE,
 )
-from .plots import _epoch_series, _fmt, _number
+from .card_rows import accuracy_cell, confidence_rows, last_knn, model_name_of, recipe_rows
+from .plots import _fmt, _number
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..configuration_nasiam import NASiamConfig
 
 
+# the plots a card shows, in this order, when the folder holds them (none is a placeholder)
+CURVE_IMAGES = ("loss.png", "knn_accuracy.png", "collapse.png", "alphas.png", "search_loss.png",
+                "search_confidence.png", "search_diagnostics.png")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LOCAL_SUFFIXES = (".parquet", ".csv", ".json", ".jsonl", ".arrow", ".zip", ".tar", ".gz", ".npz")
 
@@ -97,57 +102,34 @@ def _genotype_rows(config: "NASiamConfig", cell: str) -> list[dict[str, str]]:
     return rows
 
 
-# (label, argument names the scripts may use, in order of preference)
-_RECIPE_FIELDS = (
-    ("Dataset", ("dataset_name", "train_dir")),
-    ("Recipe", ("recipe",)),
-    ("Epochs", ("num_train_epochs", "epochs")),
-    ("Optimizer updates", ("max_train_steps",)),
-    ("Batch size per device", ("per_device_train_batch_size", "batch_size")),
-    ("Total batch size", ("total_batch_size", "global_batch_size")),
-    ("Learning rate", ("learning_rate", "lr")),
-    ("Optimizer", ("optimizer", "optim")),
-    ("Momentum", ("momentum", "sgd_momentum")),
-    ("Weight decay", ("weight_decay",)),
-    ("Learning-rate schedule", ("lr_scheduler_type", "scheduler")),
-    ("Warm-up epochs", ("num_warmup_epochs", "warmup_epochs")),
-    ("Augmentation", ("augmentation", "augmentation_policy", "aug")),
-    ("Image size", ("image_size", "resolution")),
-    ("Training samples (cap)", ("max_train_samples",)),
-    ("Mixed precision", ("mixed_precision",)),
-    ("Seed", ("seed",)),
-)
+_METHODS = (("linear_probe", "Linear probe (frozen backbone)", "linear-probe"),
+            ("knn", "kNN classifier (frozen backbone)", "knn"),
+            ("fine_tuning", "Fine-tuning", "fine-tuning"))
 
 
-def _recipe_rows(training_args: Mapping[str, Any] | None) -> list[tuple[str, str]]:
-    if not training_args:
-        return []
-    args = dict(redact_secrets(training_args))
-    resolved = (training_args.get("resolved") or {}).get("optimization") or {}
-    used = {"num_train_epochs": "epochs", "max_train_steps": "max_train_steps",
-            "per_device_train_batch_size": "per_device_batch", "total_batch_size": "global_batch",
-            "learning_rate": "base_lr", "weight_decay": "weight_decay", "recipe": "recipe"}
-    for key, plan_key in used.items():
-        if resolved.get(plan_key) is not None:  # what the run used, recipe values included, over the flags as given
-            args[key] = resolved[plan_key]
-    rows = []
-    for label, keys in _RECIPE_FIELDS:
-        for key in keys:
-            value = args.get(key)
-            if value not in (None, ""):
-                number = isinstance(value, (int, float)) and not isinstance(value, bool)
-                rows.append((label, f"{value:g}" if number else f"`{value}`"))
-                break
-    return rows
+def _details(key: str, result: Mapping) -> tuple[str, dict | None]:
+    """The card's "details" cell and the model-index metric args of one result."""
+    if key == "linear_probe":
+        args = {k: result[k] for k in ("epochs",) if result.get(k) is not None} or None
+        return (f"{result['epochs']} epochs" if result.get("epochs") is not None else ""), args
+    if key == "knn":
+        args = {k: result[k] for k in ("k", "temperature") if result.get(k) is not None} or None
+        return ", ".join(f"{k}={result[k]}" for k in ("k", "temperature") if result.get(k) is not None), args
+    args = {k: result[k] for k in ("epochs", "updates") if result.get(k) is not None} or None
+    parts = [f"{result['epochs']:.4g} epochs" if _number(result.get("epochs")) else "",
+             f"{result['updates']} updates" if result.get("updates") is not None else "",
+             "frozen backbone" if result.get("frozen_backbone") else ("backbone trained"
+                                                                     if "frozen_backbone" in result else "")]
+    return ", ".join(p for p in parts if p), args
 
 
 def _eval_entries(eval_results: Mapping | None, default_dataset: str | None) -> tuple[list, list[dict]]:
-    """EvalResults for the model-index and rows for the card's results table, from measured numbers only."""
+    """EvalResults for the model-index and rows for the card's results table, from measured numbers only, each
+    top-1 with its standard error and the number of images it was measured on."""
     from huggingface_hub import EvalResult
 
     entries, rows = [], []
-    methods = (("linear_probe", "Linear probe (frozen backbone)"), ("knn", "kNN classifier (frozen backbone)"))
-    for key, method in methods:
+    for key, method, metric_config in _METHODS:
         result = (eval_results or {}).get(key)
         if not isinstance(result, Mapping) or not _number(result.get("top1")):
             continue
@@ -156,23 +138,19 @@ def _eval_entries(eval_results: Mapping | None, default_dataset: str | None) -> 
         dataset_type = hub_dataset_id(dataset) or _dataset_label(dataset)
         common = dict(task_type="image-classification", task_name="Image Classification", dataset_type=dataset_type,
                       dataset_name=_dataset_label(dataset), dataset_split=split)
-        if key == "linear_probe":
-            args = {k: result[k] for k in ("epochs",) if result.get(k) is not None} or None
-            details = f"{result['epochs']} epochs" if result.get("epochs") is not None else ""
-            metric_config = "linear-probe"
-        else:
-            args = {k: result[k] for k in ("k", "temperature") if result.get(k) is not None} or None
-            details = ", ".join(f"{k}={result[k]}" for k in ("k", "temperature") if result.get(k) is not None)
-            metric_config = "knn"
+        details, args = _details(key, result)
+        name = method.split(" (")[0]
         entries.append(EvalResult(metric_type="accuracy", metric_value=float(result["top1"]),
-                                  metric_name=f"{method.split(' (')[0]} top-1 accuracy (%)",
-                                  metric_config=metric_config, metric_args=args, **common))
+                                  metric_name=f"{name} top-1 accuracy (%)", metric_config=metric_config,
+                                  metric_args=args, **common))
         if _number(result.get("top5")):
             entries.append(EvalResult(metric_type="top-5-accuracy", metric_value=float(result["top5"]),
-                                      metric_name=f"{method.split(' (')[0]} top-5 accuracy (%)",
-                                      metric_config=metric_config, metric_args=args, **common))
+                                      metric_name=f"{name} top-5 accuracy (%)", metric_config=metric_config,
+                                      metric_args=args, **common))
+        queries = result.get("num_queries", result.get("samples"))
         rows.append({"method": method, "dataset": _dataset_label(dataset), "split": split or "–",
-                     "top1": _fmt(result["top1"]), "top5": _fmt(result.get("top5")), "details": details or "–"})
+                     "top1": accuracy_cell(result), "top5": _fmt(result.get("top5")),
+                     "queries": str(queries) if queries is not None else "–", "details": details or "–"})
     return entries, rows
 
 
@@ -187,11 +165,16 @@ def _starting_point(training_args: Mapping[str, Any] | None) -> str | None:
             + ")")
 
 
-def _last_knn(history: Mapping | None) -> dict | None:
-    if not isinstance(history, Mapping):
+def _classifier_summary(classifier: Mapping[str, Any] | None) -> dict | None:
+    """The Fine-tuning section's facts: labels, data, how it was trained."""
+    if not classifier:
         return None
-    xs, ys = _epoch_series(history.get("epochs") or [], "knn_top1")
-    return {"epoch": xs[-1], "top1": _fmt(ys[-1])} if xs else None
+    labels = list(classifier.get("labels") or [])
+    shown = ", ".join(map(str, labels[:10])) + (", ..." if len(labels) > 10 else "")
+    how = ("frozen backbone, linear classifier trained" if classifier.get("frozen_backbone")
+           else "backbone and linear classifier trained together")
+    return {"num_labels": classifier.get("num_labels", len(labels)), "labels": shown,
+            "dataset": classifier.get("dataset_name") or "the labelled data", "how": how}
 
 
 def write_model_card(
@@ -205,14 +188,20 @@ def write_model_card(
     base_model: str | None = None,
     license: str = "apache-2.0",
     repo_id: str | None = None,
+    model_name: str | None = None,
+    classifier: Mapping[str, Any] | None = None,
     template_path: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``folder/README.md``: the Hub model card of a NASiam model, from ``model_cards/template.md``.
 
     Metadata: ``library_name``, tags, the training dataset when it is a Hub dataset, license, pipeline tag and a
-    ``model-index`` built only from ``eval_results``. The body describes the model, its genotype (table, and the
-    ``genotype.png`` diagram when the folder has one), the training recipe from ``training_args``, measured results
-    only (``eval_results`` and the last kNN accuracy of ``history``), how to load it, and the citation.
+    ``model-index`` built only from ``eval_results``, named ``model_name`` (default: the Hub id's or the run's output
+    folder's name from ``training_args``, never a staging folder's). The body describes the model, its genotype
+    (table, with the search's per-layer confidence when the run record has it, and the ``genotype.png`` diagram when
+    the folder has one), the training table from what the run did (``training_args["outcome"]``), the plots the
+    folder holds, measured results only (``eval_results``, each with its error and number of queries, and the last
+    kNN accuracy of ``history``), the fine-tuning of a ``classifier`` (``{"labels", "num_labels", "dataset_name",
+    "frozen_backbone"}``: an image-classification card), how to load it, and the citation.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -222,7 +211,9 @@ def write_model_card(
     dataset_name = dataset_name or training_args.get("dataset_name") or training_args.get("train_dir")
     framework = FRAMEWORK_NAMES.get(config.framework, config.framework)
     backbone = BACKBONE_NAMES.get(config.backbone, config.backbone)
-    model_name = repo_id.split("/")[-1] if repo_id else f"nasiam-{config.framework}-{config.backbone}"
+    repo_id = repo_id or training_args.get("hub_model_id")
+    model_name = (model_name or model_name_of(training_args.get("output_dir"), repo_id)
+                  or model_name_of(str(folder)) or f"nasiam-{config.framework}-{config.backbone}")
 
     eval_entries, result_rows = _eval_entries(eval_results, dataset_name)
     dataset_ids = [hub_dataset_id(dataset_name)]
@@ -231,17 +222,18 @@ def write_model_card(
             dataset_ids.append(hub_dataset_id(result.get("dataset_name")))
     dataset_ids = list(dict.fromkeys(d for d in dataset_ids if d))
 
+    task = "image-classification" if classifier else "image-feature-extraction"
     card_data = ModelCardData(
         # "transformers", not "nasiam-hf": the folder is a standard transformers checkpoint (config.json with an
         # auto_map and the modeling code next to it), loadable with AutoModel after `import nasiam_hf` or with
         # trust_remote_code=True; the Hub knows that library (code snippet, download counts), not ours.
         library_name="transformers",
         license=license,
-        tags=["self-supervised-learning", "nasiam", config.framework, "neural-architecture-search",
-              "image-feature-extraction", config.backbone, f"arxiv:{PAPER_ARXIV_ID}"],
+        tags=["self-supervised-learning", "nasiam", config.framework, "neural-architecture-search", task,
+              config.backbone, f"arxiv:{PAPER_ARXIV_ID}"],
         datasets=dataset_ids or None,
         metrics=["accuracy"],
-        pipeline_tag="image-feature-extraction",
+        pipeline_tag=task,
         base_model=base_model,
         model_name=model_name if eval_entries else None,
         eval_results=eval_entries or None,
@@ -249,6 +241,10 @@ def write_model_card(
 
     projector_spec = config.head_spec("projector")
     preset = _matching_preset(config)
+    source = training_args.get("genotype_source") or {}
+    confidence = source.get("confidence") if isinstance(source, Mapping) else None
+    confidence = confidence_rows(confidence) if confidence else {}
+    decided = confidence_summary(source.get("confidence")) if confidence else None
     card = ModelCard.from_template(
         card_data,
         template_str=_template_text(template_path),
@@ -267,18 +263,23 @@ def write_model_card(
         preset_kind=preset[0] if preset else None,
         preset_name=preset[1] if preset else None,
         searched=config.projector_genotype is not None,
+        genotype_source=source.get("genotype") if isinstance(source, Mapping) else None,
         identity_share=(f"{100 * identity_share(config.genotype('projector'), projector_spec.widths):.0f}"
                         if any(a == b for a, b in zip(projector_spec.widths, projector_spec.widths[1:])) else None),
-        projector_rows=_genotype_rows(config, "projector"),
-        predictor_rows=_genotype_rows(config, "predictor") if config.has_predictor else [],
+        projector_rows=_with_confidence(_genotype_rows(config, "projector"), confidence.get("projector")),
+        predictor_rows=(_with_confidence(_genotype_rows(config, "predictor"), confidence.get("predictor"))
+                        if config.has_predictor else []),
+        confidence=bool(confidence),
+        decided=decided,
+        decided_rule=DECIDED_RULE,
         genotype_image=(folder / "genotype.png").is_file(),
-        curve_images=[name for name in ("loss.png", "knn_accuracy.png", "collapse.png", "alphas.png",
-                                        "search_loss.png", "search_diagnostics.png") if (folder / name).is_file()],
+        curve_images=[name for name in CURVE_IMAGES if (folder / name).is_file()],
         dataset_label=_dataset_label(dataset_name) if dataset_name else None,
-        recipe_rows=_recipe_rows(training_args),
+        recipe_rows=recipe_rows(training_args),
         args_file=bool(training_args) or (folder / "training_args.json").is_file(),
         result_rows=result_rows,
-        last_knn=_last_knn(history),
+        last_knn=last_knn(history),
+        classifier=_classifier_summary(classifier),
         has_processor=(folder / "preprocessor_config.json").is_file(),
         repo=repo_id or "path/to/this/folder",
         citation=CITATION,
@@ -288,3 +289,12 @@ def write_model_card(
     path = folder / "README.md"
     atomic_write_text(path, str(card))
     return path
+
+
+def _with_confidence(rows: list[dict[str, str]], confidence: list[dict] | None) -> list[dict[str, str]]:
+    """The genotype rows with the search's confidence of each searched layer (the fixed output row has none)."""
+    if not confidence:
+        return rows
+    return [{**row, **(confidence[i] if row["layer"].isdigit() and i < len(confidence) else
+                       {"weight": "", "margin": "", "entropy": "", "decided": ""})}
+            for i, row in enumerate(rows)]

@@ -71,15 +71,19 @@ def save_run_metadata(
     command: str | None = None,
     resolved: Mapping[str, Any] | None = None,
     starting_point: Mapping[str, Any] | None = None,
+    outcome: Mapping[str, Any] | None = None,
+    genotype_source: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a run record to ``folder/filename`` (JSON, atomic): every argument, what was resolved from them, the
     package versions and the UTC time.
 
     ``args`` is a command bundle (:class:`nasiam_hf.arguments.Command`) or a mapping. The arguments sit flat at the
-    top level, so the record is also a ``--config`` file that reruns the run; ``command``, ``resolved`` (the run's
-    plan), ``starting_point`` (the backbone's initial weights), ``package_versions`` and ``timestamp_utc`` are
-    dropped when it is read back as one. Values of arguments named like a token, password or secret are redacted,
-    since the folder is meant to be pushed.
+    top level, as given, so the record is also a ``--config`` file that reruns the run; ``command``, ``resolved``
+    (the run's plan), ``starting_point`` (the backbone's initial weights), ``outcome`` (what the run did: updates
+    and epochs done, global batch, learning rates, precision, images; :meth:`nasiam_hf.budget.RunBudget.outcome`),
+    ``genotype_source`` (where a pretraining's genotype came from, with the search's confidence),
+    ``package_versions`` and ``timestamp_utc`` are dropped when it is read back as one. Values of arguments named
+    like a token, password or secret are redacted, since the folder is meant to be pushed.
     """
     values = args.values() if callable(getattr(args, "values", None)) and not isinstance(args, Mapping) else dict(args)
     record = redact_secrets(values)
@@ -89,6 +93,10 @@ def save_run_metadata(
         record["resolved"] = dict(resolved)
     if starting_point is not None:
         record["starting_point"] = dict(starting_point)
+    if outcome is not None:
+        record["outcome"] = dict(outcome)
+    if genotype_source is not None:
+        record["genotype_source"] = dict(genotype_source)
     record["package_versions"] = package_versions()
     record["timestamp_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     record = json.loads(json.dumps(record, default=_jsonable))  # paths, enums, tuples... as plain JSON values

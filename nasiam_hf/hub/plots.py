@@ -1,5 +1,12 @@
-"""Training and search plots. matplotlib's Agg canvas on explicit ``Figure`` objects, never ``pyplot``: importing
-this module or plotting does not change the user's matplotlib backend. Every PNG is written atomically."""
+"""Training plots (the search's are in :mod:`nasiam_hf.hub.search_plots`). matplotlib's Agg canvas on explicit
+``Figure`` objects, never ``pyplot``: importing this module or plotting does not change the user's matplotlib
+backend. Every PNG is written atomically.
+
+Each ``*_figures(history)`` function returns the figures (name -> ``Figure``) drawn from a history's own numbers, so
+a test can read back the data a plot shows; ``plot_*`` saves them. A plot is drawn only when there is something to
+show: no placeholder. A run of under two epochs is plotted against updates, from the per-update (or per logging
+interval) records of ``history["steps"]``.
+"""
 
 from __future__ import annotations
 
@@ -29,12 +36,13 @@ OP_COLOURS = {
 }
 _FALLBACK_COLOURS = ("#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2")
 
-def _new_figure(width: float, height: float) -> "Figure":
-    """A figure drawn by the Agg canvas, without pyplot (no global backend switch, no figure registry)."""
+def _new_figure(width: float, height: float, layout: str | None = None) -> "Figure":
+    """A figure drawn by the Agg canvas, without pyplot (no global backend switch, no figure registry).
+    ``layout="constrained"`` lays it out when it is saved (building it then draws nothing)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=110)
+    fig = Figure(figsize=(width, height), dpi=110, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -63,12 +71,13 @@ def _number(value: Any) -> bool:
 
 
 def _epoch_series(epochs: Sequence[Mapping], key: str) -> tuple[list, list]:
-    """(epoch numbers, values) for the epochs where ``key`` holds a finite number."""
+    """(epoch numbers from 1, values) for the epochs where ``key`` holds a finite number: a value recorded at the end
+    of epoch 0 is plotted at 1, the epochs done, so per-step measurements (``step / updates_per_epoch``) line up."""
     xs, ys = [], []
     for i, row in enumerate(epochs):
         value = row.get(key)
         if _number(value):
-            xs.append(row.get("epoch", i))
+            xs.append(row.get("epoch", i) + 1)
             ys.append(float(value))
     return xs, ys
 
@@ -89,172 +98,113 @@ def _check_epochs(history: Mapping, what: str) -> list[Mapping]:
     return list(epochs)
 
 
-def plot_search_history(history: Mapping, folder: str | os.PathLike) -> list[Path]:
-    """Plot a search run (the content of ``search_history.json``): ``alphas.png``, ``search_loss.png`` and
-    ``search_diagnostics.png``.
+def _x_axis(ax, label: str) -> None:
+    """Label the x axis; updates and epochs are whole numbers, so are their ticks."""
+    from matplotlib.ticker import MaxNLocator
 
-    ``alphas.png`` has one panel per layer of each cell, with the softmaxed weight of every op across epochs (one
-    colour per op, the same in every panel); ``search_loss.png`` has the train and validation losses and, on a second
-    axis, the collapse statistic.
+    ax.set_xlabel(label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def short_run(history: Mapping) -> bool:
+    """Whether a run is plotted against updates: under two epochs done, with per-step records to plot."""
+    steps = history.get("steps") or []
+    if not steps:
+        return False
+    per_epoch = history.get("updates_per_epoch")
+    last = max((row.get("step") or 0) for row in steps)
+    if _number(per_epoch) and per_epoch > 0:
+        return last / per_epoch < 2
+    return len(history.get("epochs") or []) < 2
+
+
+def _step_series(rows: Sequence[Mapping], key: str) -> tuple[list, list]:
+    """(update numbers, values) of the per-step records where ``key`` holds a finite number."""
+    xs, ys = [], []
+    for row in rows:
+        value = row.get(key)
+        if _number(value) and _number(row.get("step")):
+            xs.append(row["step"])
+            ys.append(float(value))
+    return xs, ys
+
+
+def knn_series(history: Mapping, against_updates: bool) -> tuple[list, list, list]:
+    """Every kNN measurement of a pretraining (per epoch, and every N steps), in order, against updates or epochs
+    (a step's epoch is ``step / updates_per_epoch``; an epoch's update is the ``step`` it ended at): (x, top-1,
+    standard error or nan)."""
+    per_epoch = history.get("updates_per_epoch")
+    points = {}
+    for i, row in enumerate(history.get("epochs") or []):
+        if _number(row.get("knn_top1")):
+            x = row.get("step") if against_updates else row.get("epoch", i) + 1
+            if _number(x):
+                points[x] = row
+    for row in history.get("knn_steps") or []:
+        if _number(row.get("knn_top1")) and _number(row.get("step")):
+            if against_updates:
+                points[row["step"]] = row
+            elif _number(per_epoch) and per_epoch > 0:
+                points[row["step"] / per_epoch] = row
+    xs = sorted(points)  # one value per x (an epoch's end may also be a step's)
+    errors = [points[x].get("knn_top1_stderr") for x in xs]
+    return (xs, [float(points[x]["knn_top1"]) for x in xs],
+            [float(e) if _number(e) else float("nan") for e in errors])
+
+
+def training_figures(history: Mapping) -> dict[str, "Figure"]:
+    """The figures of a pretraining (the content of ``training_history.json``):
+
+    * ``loss.png``: the training loss, and the learning rate on an axis of its own (right);
+    * ``knn_accuracy.png``: every kNN measurement (per epoch and every N steps), only when there is one;
+    * ``collapse.png``: the collapse statistic, with a dashed line at ``history["collapse_reference"]`` =
+      1/sqrt(projection_dim) when given.
+
+    Under two epochs (:func:`short_run`) the x axis is the update, from ``history["steps"]``.
     """
-    folder = Path(folder)
-    epochs = _check_epochs(history, "search history")
-    ops = list(history.get("ops") or [])
-    if not ops:
-        raise ValueError("search history has no 'ops' list (op names in the order of the weights)")
-
-    cells = []
-    for cell in ("projector", "predictor"):
-        layers = max((len((row.get("op_weights") or {}).get(cell) or []) for row in epochs), default=0)
-        if layers:
-            cells.append((cell, layers))
-    if not cells:
-        raise ValueError("search history has no 'op_weights' to plot")
-    columns = max(layers for _, layers in cells)
-    fig = _new_figure(2.6 * columns, 2.3 * len(cells) + 0.9)
-    axes = fig.subplots(len(cells), columns, squeeze=False, sharey=True)
-    uniform = 1.0 / len(ops)
-    # zoomed on the range the weights cover (short searches move them little), the uniform level included
-    values = [float(w) for row in epochs for cell, _ in cells
-              for layer in ((row.get("op_weights") or {}).get(cell) or []) for w in layer] + [uniform]
-    margin = 0.1 * (max(values) - min(values)) or 0.01
-    bottom, top = max(0.0, min(values) - margin), min(1.0, max(values) + margin)
-    for r, (cell, layers) in enumerate(cells):
-        for c in range(columns):
-            ax = axes[r][c]
-            if c >= layers:
-                ax.set_axis_off()
-                continue
-            for k, op in enumerate(ops):
-                xs, ys = [], []
-                for i, row in enumerate(epochs):
-                    weights = (row.get("op_weights") or {}).get(cell) or []
-                    if c < len(weights) and k < len(weights[c]):
-                        xs.append(row.get("epoch", i))
-                        ys.append(float(weights[c][k]))
-                ax.plot(xs, ys, color=op_colour(op, ops), label=op, linewidth=1.4, **_line_style(len(xs)))
-            ax.axhline(uniform, color="black", linewidth=0.6, linestyle=":")
-            ax.set_title(f"{cell} layer {c + 1}", fontsize=9)
-            ax.set_ylim(bottom, top)
-            ax.tick_params(labelsize=7)
-            if r == len(cells) - 1 or c >= cells[r + 1][1]:  # no panel below this one
-                ax.set_xlabel("epoch", fontsize=8)
-            if c == 0:
-                ax.set_ylabel("op weight (softmax)", fontsize=8)
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=op_colour(op, ops), linewidth=2) for op in ops]
-    fig.legend(handles, ops, loc="lower center", ncol=min(len(ops), 7), fontsize=8, frameon=False)
-    fig.suptitle("Architecture weights during the search (dotted: uniform)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
-    written = [_save_png(fig, folder / "alphas.png")]
-
-    fig = _new_figure(6.4, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    for key, label, colour in (("train_loss", "train loss (weight step)", "#1f77b4"),
-                               ("val_loss", "validation loss (alpha step)", "#ff7f0e")):
-        xs, ys = _epoch_series(epochs, key)
-        if xs:
-            ax.plot(xs, ys, color=colour, label=label, **_line_style(len(xs)))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    lines, labels = ax.get_legend_handles_labels()
-    xs, ys = _epoch_series(epochs, "collapse_std")
-    if xs:
-        twin = ax.twinx()
-        twin.plot(xs, ys, color="#2ca02c", linestyle="--", label="collapse std", **_line_style(len(xs)))
-        twin.set_ylabel("collapse std (0 = collapsed)")
-        twin.set_ylim(0.0, max(ys) * 1.15 if max(ys) > 0 else 1.0)
-        more_lines, more_labels = twin.get_legend_handles_labels()
-        lines, labels = lines + more_lines, labels + more_labels
-    if lines:
-        _legend_below(ax, lines, labels)
-    ax.set_title("Search losses")
-    written.append(_save_png(fig, folder / "search_loss.png"))
-    written.append(plot_search_diagnostics(epochs, folder / "search_diagnostics.png"))
-    return written
-
-
-def plot_search_diagnostics(epochs: Sequence[Mapping], path: str | os.PathLike) -> Path:
-    """``search_diagnostics.png``: the signs of a collapse into parameter-free ops, one panel each: the identity and
-    parameter-free shares of the genotype, the collapse statistic, and the largest eigenvalue of the alphas' Hessian
-    (on the epochs it was measured; it rises before DARTS collapses)."""
-    fig = _new_figure(12.0, 3.4)
-    panels = fig.subplots(1, 3)
-    series = (
-        (panels[0], (("identity_share", "identity share", "#7f7f7f"),
-                     ("parameter_free_share", "parameter-free share", "#e377c2")), "share of width-keeping layers"),
-        (panels[1], (("collapse_std", "collapse std", "#2ca02c"),), "std of l2-normalised outputs"),
-        (panels[2], (("alpha_hessian_top_eigenvalue", "top Hessian eigenvalue", "#d62728"),), "eigenvalue"),
-    )
-    for ax, keys, ylabel in series:
-        drawn = False
-        for key, label, colour in keys:
-            xs, ys = _epoch_series(epochs, key)
-            if xs:
-                ax.plot(xs, ys, color=colour, label=label, **_line_style(len(xs)))
-                drawn = True
-        if drawn:
-            ax.legend(fontsize=8, loc="best")
-        else:
-            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.tick_params(labelsize=7)
-    panels[0].set_ylim(-0.05, 1.05)
-    panels[0].set_title("Parameter-free ops in the genotype", fontsize=9)
-    panels[1].set_title("Representation collapse", fontsize=9)
-    panels[2].set_title("Curvature of the validation loss in alpha space", fontsize=9)
-    fig.tight_layout()
-    return _save_png(fig, path)
-
-
-def plot_training_history(history: Mapping, folder: str | os.PathLike) -> list[Path]:
-    """Plot a pretraining run (the content of ``training_history.json``).
-
-    Writes ``loss.png`` (loss, learning rate on a second axis), ``knn_accuracy.png`` (kNN top-1 on the epochs that
-    have one; a note when none has) and ``collapse.png`` (collapse statistic, with a dashed line at
-    ``history["collapse_reference"]`` = 1/sqrt(projection_dim) when given).
-    """
-    folder = Path(folder)
     epochs = _check_epochs(history, "training history")
-    written = []
+    by_update = short_run(history)
+    rows = history.get("steps") or [] if by_update else epochs
+    series = _step_series if by_update else _epoch_series
+    xlabel = "update" if by_update else "epoch"
+    figures = {}
 
     fig = _new_figure(6.4, 4.0)
     ax = fig.add_subplot(1, 1, 1)
-    xs, ys = _epoch_series(epochs, "loss")
+    xs, ys = series(rows, "loss")
     ax.plot(xs, ys, color="#1f77b4", label="training loss", **_line_style(len(xs)))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
+    _x_axis(ax, xlabel)
+    ax.set_ylabel("loss", color="#1f77b4")
     lines, labels = ax.get_legend_handles_labels()
-    xs, ys = _epoch_series(epochs, "lr")
+    xs, ys = series(rows, "lr")
     if xs:
-        twin = ax.twinx()
-        twin.plot(xs, ys, color="#7f7f7f", linestyle=":", label="learning rate")
-        twin.set_ylabel("learning rate")
+        twin = ax.twinx()  # the rate has its own scale: on the loss's axis it would sit flat at 0
+        twin.plot(xs, ys, color="#ff7f0e", linestyle="--", label="learning rate", **_line_style(len(xs)))
+        twin.set_ylabel("learning rate", color="#ff7f0e")
+        twin.set_ylim(0.0, max(ys) * 1.1 if max(ys) > 0 else 1.0)
         more_lines, more_labels = twin.get_legend_handles_labels()
         lines, labels = lines + more_lines, labels + more_labels
     _legend_below(ax, lines, labels)
-    ax.set_title("Pretraining loss")
-    written.append(_save_png(fig, folder / "loss.png"))
+    ax.set_title("Pretraining loss" + (" (per update)" if by_update else ""))
+    figures["loss.png"] = fig
 
-    fig = _new_figure(6.4, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    xs, ys = _epoch_series(epochs, "knn_top1")
+    xs, ys, errors = knn_series(history, by_update)
     if xs:
+        fig = _new_figure(6.4, 4.0)
+        ax = fig.add_subplot(1, 1, 1)
         ax.plot(xs, ys, color="#d62728", label="kNN top-1", **_line_style(len(xs)))
+        if any(e == e for e in errors):  # the binomial standard error of each measurement, where recorded
+            ax.errorbar(xs, ys, yerr=errors, fmt="none", ecolor="#d62728", alpha=0.5, capsize=3,
+                        label="± standard error")
         ax.legend(fontsize=8, loc="lower right")
-    else:
-        ax.text(0.5, 0.5, "no kNN evaluation was recorded in this run", ha="center", va="center",
-                transform=ax.transAxes)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("kNN top-1 accuracy (%)")
-    ax.set_title("kNN monitor (frozen backbone features)")
-    written.append(_save_png(fig, folder / "knn_accuracy.png"))
+        _x_axis(ax, xlabel)
+        ax.set_ylabel("kNN top-1 accuracy (%)")
+        ax.set_title("kNN monitor (frozen backbone features)")
+        figures["knn_accuracy.png"] = fig
 
     fig = _new_figure(6.4, 4.0)
     ax = fig.add_subplot(1, 1, 1)
-    xs, ys = _epoch_series(epochs, "collapse_std")
+    xs, ys = series(rows, "collapse_std")
     ax.plot(xs, ys, color="#2ca02c", label="std of l2-normalised outputs", **_line_style(len(xs)))
     reference = history.get("collapse_reference")
     if _number(reference):
@@ -262,9 +212,26 @@ def plot_training_history(history: Mapping, folder: str | os.PathLike) -> list[P
                    label=f"healthy: 1/sqrt(d) = {reference:.4f}")
         ys = ys + [reference]
     ax.set_ylim(0.0, max(ys) * 1.15 if ys and max(ys) > 0 else 1.0)
-    ax.set_xlabel("epoch")
+    _x_axis(ax, xlabel)
     ax.set_ylabel("collapse std (0 = collapsed)")
     ax.legend(fontsize=8, loc="best")
     ax.set_title("Representation collapse monitor")
-    written.append(_save_png(fig, folder / "collapse.png"))
-    return written
+    figures["collapse.png"] = fig
+    return figures
+
+
+def save_figures(figures: Mapping[str, "Figure"], folder: str | os.PathLike) -> list[Path]:
+    """Write each figure as ``folder/name``, atomically; returns the paths in order."""
+    return [_save_png(fig, Path(folder) / name) for name, fig in figures.items()]
+
+
+def plot_training_history(history: Mapping, folder: str | os.PathLike) -> list[Path]:
+    """Write the figures of :func:`training_figures` into ``folder``; returns their paths."""
+    return save_figures(training_figures(history), folder)
+
+
+def plot_search_history(history: Mapping, folder: str | os.PathLike) -> list[Path]:
+    """Write the figures of :func:`nasiam_hf.hub.search_plots.search_figures` into ``folder``."""
+    from .search_plots import search_figures
+
+    return save_figures(search_figures(history), folder)
