@@ -230,3 +230,20 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path):
     assert a["key"][:] == b["key"][:] == [f"train.parquet:{i}" for i in range(48)]
     assert a["label"][:] == b["label"][:] and torch.equal(va, vb)
     assert np.isfinite(va.numpy()).all()
+
+
+@pytest.mark.slow  # the benchmark end to end on tiny files (three model passes over 64 images and the monitor)
+def test_the_benchmark_compares_the_parquet_knn_with_the_monitor(tiny_parquet, tmp_path, capsys):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import embed as benchmark
+    finally:
+        sys.path.pop(0)
+    train, test = tiny_parquet
+    result = benchmark.main(["--train_file", str(train), "--test_file", str(test), "--output_dir", str(tmp_path),
+                             "--batch_size", "16", "--knn_k", "10"])
+    assert json.loads(capsys.readouterr().out) == result
+    assert result["embed_train"]["rows"] == 48 and result["embed_test"]["rows"] == 16
+    assert result["embed_train"]["images_per_second"] > 0
+    knn = result["knn"]
+    assert knn["equal"] and knn["top1_from_parquet"] == knn["top1_monitor"] and 0 <= knn["top1_monitor"] <= 100
