@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_file", default=str(SHARED / "train.parquet"))
     parser.add_argument("--test_file", default=str(SHARED / "test.parquet"))
     parser.add_argument("--max_train_samples", type=int, default=None,
-                        help="Embed N train rows spread over the file (a quick check; the kNN memory is then N images).")
+                        help="Embed N train rows spread over the file (a quick check: a kNN memory of N images).")
     parser.add_argument("--max_test_samples", type=int, default=None, help="N test rows spread over the file.")
     parser.add_argument("--output_dir", required=True, help="Where the embeddings (and a default model) go.")
     parser.add_argument("--batch_size", type=int, default=256)

@@ -377,7 +377,7 @@ def run_embed(command: EmbedCommand) -> Path:
                           f"{len(done)} already written" + (f", {accelerator.num_processes} processes"
                                                             if accelerator.num_processes > 1 else ""))
         dim = model.config.projection_dim if command.model.embed == "projector" else model.config.hidden_size
-        start_time, rows_done = time.perf_counter(), 0
+        start_time = time.perf_counter()
         current, parts = None, None
         with tqdm(total=sum(b - a for _, a, b in plan), desc="embed", unit="img",
                   disable=not accelerator.is_local_main_process) as bar:
@@ -399,19 +399,18 @@ def run_embed(command: EmbedCommand) -> Path:
                 parts["keys"] += batch["keys"]
                 parts["labels"] += batch["labels"]
                 parts["bad"] += batch["bad"]
-                rows_done += batch["rows"]
                 bar.update(batch["rows"])
                 if batch["stop"] == min((current + 1) * run.shard_size, source.num_rows):  # the shard's last batch
                     vectors = torch.cat(parts["vectors"]).numpy() if parts["vectors"] else np.zeros((0, dim))
                     write_shard(folder, current, total, parts["keys"], vectors,
                                 parts["labels"] if source.labelled else None, run.dtype, parts["bad"],
                                 accelerator.process_index)
-        elapsed = time.perf_counter() - start_time
-        accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()  # every rank's shards are written
         if accelerator.is_main_process:
-            summary = finish_output(folder, total, source, command, dim, rows_done * accelerator.num_processes,
-                                    elapsed, len(missing))
-            accelerator.print(summary)
+            computed_rows = sum(b - a for _, a, b in batch_plan(missing, source.num_rows, run.shard_size,
+                                                                run.shard_size))
+            accelerator.print(finish_output(folder, total, source, command, dim, computed_rows,
+                                            time.perf_counter() - start_time, len(missing)))
     finally:
         if lock.is_locked:
             lock.release()
@@ -421,8 +420,9 @@ def run_embed(command: EmbedCommand) -> Path:
 
 def finish_output(folder: Path, total: int, source: ImageSource, command: EmbedCommand, dim: int, rows_this_run: int,
                   elapsed: float, computed: int) -> str:
-    """``embed_info.json`` completed with the totals read back from the shards' footers (the staging folder
-    removed); returns the summary."""
+    """``embed_info.json`` completed with the totals read back from the shards' footers and the throughput of this
+    run (``rows_this_run`` rows of ``computed`` shards in ``elapsed`` seconds, all processes together); the staging
+    folder removed. Returns the summary line."""
     import shutil
 
     import pyarrow.parquet as pq

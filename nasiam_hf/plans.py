@@ -87,7 +87,8 @@ class OptimizationPlan:
                      " accumulated)"
         optimizer = "SGD"
         if self.optimizer == "lars":
-            optimizer = (f"LARS (trust coefficient {self.trust_coefficient:g}" + (", clipped" if self.trust_clip else "")
+            optimizer = (f"LARS (trust coefficient {self.trust_coefficient:g}"
+                         + (", clipped" if self.trust_clip else "")
                          + "; biases and norm parameters not adapted, no weight decay)")
         return (f"{batch}, {optimizer}, effective lr {self.lr:.4g} (= {self.base_lr} x {self.global_batch}/256), "
                 f"weight decay {self.weight_decay:g}" + (f", recipe {self.recipe}" if self.recipe else ""))

@@ -247,3 +247,21 @@ def test_the_benchmark_compares_the_parquet_knn_with_the_monitor(tiny_parquet, t
     assert result["embed_train"]["images_per_second"] > 0
     knn = result["knn"]
     assert knn["equal"] and knn["top1_from_parquet"] == knn["top1_monitor"] and 0 <= knn["top1_monitor"] <= 100
+
+
+@pytest.mark.slow  # a real 2-process accelerate launch (gloo)
+def test_two_processes_share_the_shards(model_folder, tiny_parquet, tmp_path):
+    from conftest import accelerate_launch
+
+    train, _ = tiny_parquet
+    out = tmp_path / "two"
+    result = accelerate_launch("training/embed.py", "--model_name_or_path", model_folder, "--train_file", train,
+                               "--output_dir", out, "--shard_size", "8", "--per_device_eval_batch_size", "4",
+                               num_processes=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "6 shards of 8, 0 already written, 2 processes" in result.stdout
+    table, vectors = load_rows(out)
+    source = datasets.load_dataset("parquet", data_files=str(train), split="train")
+    assert table["key"][:] == [f"train.parquet:{i}" for i in range(48)]
+    assert torch.allclose(vectors, expected_vectors(model_folder, source["img"][:]), rtol=0, atol=1e-4)
+    assert json.loads((out / "embed_info.json").read_text())["rows"] == 48

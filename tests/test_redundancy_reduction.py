@@ -175,8 +175,9 @@ def test_two_processes_take_the_step_of_the_global_batch(tmp_path):
 def test_the_baseline_preset_is_the_reference_projector(framework):
     config = NASiamConfig.from_preset(f"{framework}-baseline", image_size=8)
     assert (config.projector_hidden_size, config.projection_dim, config.has_predictor) == (2048, 2048, False)
-    projector = NASiamForPreTraining(NASiamConfig.from_preset(f"{framework}-baseline", image_size=8,
-                                                              projector_hidden_size=16, projection_dim=12)).nasiam.projector
+    narrow = NASiamConfig.from_preset(f"{framework}-baseline", image_size=8, projector_hidden_size=16,
+                                      projection_dim=12)
+    projector = NASiamForPreTraining(narrow).nasiam.projector
     layers = [type(m).__name__ for m in projector.modules() if not list(m.children())]
     assert layers == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
     linears = [m for m in projector.modules() if isinstance(m, nn.Linear)]
