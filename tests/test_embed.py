@@ -265,3 +265,19 @@ def test_two_processes_share_the_shards(model_folder, tiny_parquet, tmp_path):
     assert table["key"][:] == [f"train.parquet:{i}" for i in range(48)]
     assert torch.allclose(vectors, expected_vectors(model_folder, source["img"][:]), rtol=0, atol=1e-4)
     assert json.loads((out / "embed_info.json").read_text())["rows"] == 48
+
+
+def test_a_dataset_by_name_whole_or_streamed(model_folder, tiny_parquet, tmp_path):
+    """A dataset folder laid out as on the Hub: downloaded whole (keyed by row) or read file by file (--streaming,
+    keyed by file and row); the same vectors either way."""
+    source = datasets.load_dataset("parquet", data_files=str(tiny_parquet[0]), split="train").select(range(12))
+    (tmp_path / "hubset" / "data").mkdir(parents=True)
+    source.to_parquet(str(tmp_path / "hubset" / "data" / "train-00000-of-00001.parquet"))
+    name = str(tmp_path / "hubset")
+    embed(model_name_or_path=model_folder, dataset_name=name, output_dir=tmp_path / "whole")
+    embed("--streaming", model_name_or_path=model_folder, dataset_name=name, output_dir=tmp_path / "streamed")
+    (whole, a), (streamed, b) = load_rows(tmp_path / "whole"), load_rows(tmp_path / "streamed")
+    assert whole["key"][:] == [str(i) for i in range(12)]
+    assert streamed["key"][:] == [f"data/train-00000-of-00001.parquet:{i}" for i in range(12)]
+    assert whole["label"][:] == streamed["label"][:] == source["label"][:]
+    assert torch.allclose(a, b, rtol=0, atol=1e-5)
