@@ -49,7 +49,8 @@ def shard_name(index: int, total: int) -> str:
 @dataclass(eq=False)
 class ImageSource:
     """The images to embed: ``read(start, stop)`` gives ``(key, encoded image, label or None, where)`` of rows
-    ``[start, stop)``. ``fingerprint`` changes when the source does (a rerun on other data is refused)."""
+    ``[start, stop)`` (the image is a :class:`~nasiam_hf.data.images.BadImageError` when a sample has none).
+    ``fingerprint`` changes when the source does (a rerun on other data is refused)."""
 
     where: str
     num_rows: int
@@ -85,6 +86,7 @@ class ShardedSource(ImageSource):
         return self.source.unit_keys(self.source.units[unit_id])
 
     def read(self, start: int, stop: int) -> list[tuple[str, Any, int | None, str]]:
+        from .data.images import BadImageError
         from .data.webdataset import sample_label
 
         rows, source = [], self.source
@@ -100,11 +102,13 @@ class ShardedSource(ImageSource):
                 shard, wanted = source.names[unit.file], set(keys)
                 found = {}
                 for key, members in source.tar_samples(unit, lambda full: full in wanted):
+                    where = f"{source.where}: webdataset shard {shard!r}, sample {key!r}"
+                    encoded = members.get(source.image_column)
+                    if encoded is None:
+                        encoded = BadImageError(f"{where}: no {source.image_column!r} member (found {sorted(members)})")
                     label = sample_label(members, source.label_column, shard, key) if source.label_column else None
-                    found[f"{shard}/{key}"] = (members.get(source.image_column), label)
-                for key in keys:
-                    encoded, label = found[key]
-                    rows.append((key, encoded, label, f"{source.where}: webdataset shard {shard!r}, sample {key!r}"))
+                    found[f"{shard}/{key}"] = (encoded, label, where)
+                rows += [(key, *found[key]) for key in keys]
             else:
                 for position, key, (encoded, label) in zip(range(a, b), keys, source.read_rows(unit,
                                                                                              list(range(a, b)))):
@@ -178,8 +182,10 @@ class ShardBatches(torch.utils.data.Dataset):
         keys, images, labels, bad = [], [], [], 0
         try:
             for key, encoded, label, where in self.source.read(start, stop):
-                image = None if encoded is None and self.on_bad_image == "skip" else decode_or_skip(
-                    encoded if encoded is not None else b"", where, self.on_bad_image)
+                if isinstance(encoded, BadImageError) and self.on_bad_image != "skip":
+                    raise encoded
+                image = None if isinstance(encoded, BadImageError) else decode_or_skip(encoded, where,
+                                                                                       self.on_bad_image)
                 if image is None:
                     bad += 1
                     continue

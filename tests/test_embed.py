@@ -281,3 +281,30 @@ def test_a_dataset_by_name_whole_or_streamed(model_folder, tiny_parquet, tmp_pat
     assert streamed["key"][:] == [f"data/train-00000-of-00001.parquet:{i}" for i in range(12)]
     assert whole["label"][:] == streamed["label"][:] == source["label"][:]
     assert torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_webdataset_shards_and_bad_images(model_folder, tiny_parquet, tmp_path, capsys):
+    from image_data import encode, write_tar
+
+    source = datasets.load_dataset("parquet", data_files=str(tiny_parquet[0]), split="train").select(range(6))
+    samples = [(f"s{i}", {"png": encode(image), "cls": str(label).encode()})
+               for i, (image, label) in enumerate(zip(source["img"], source["label"]))]
+    samples[2] = ("s2", {"png": b"not an image", "cls": b"0"})
+    shards = tmp_path / "shards"
+    write_tar(shards / "a.tar", samples[:4])
+    write_tar(shards / "b.tar", samples[4:])
+    with pytest.raises(SystemExit) as exit_info:
+        embed(model_name_or_path=model_folder, train_file=shards, output_dir=tmp_path / "strict")
+    (err,) = error_lines(capsys.readouterr().err)
+    assert exit_info.value.code == 2 and "webdataset shard 'a.tar', sample 's2'" in err, err
+    embed("--on_bad_image", "skip", "--shard_size", "4", model_name_or_path=model_folder, train_file=shards,
+          output_dir=tmp_path / "skip")
+    table, vectors = load_rows(tmp_path / "skip")
+    kept = [0, 1, 3, 4, 5]
+    assert table["key"][:] == ["a.tar/s0", "a.tar/s1", "a.tar/s3", "b.tar/s4", "b.tar/s5"]
+    assert table["label"][:] == [source["label"][i] for i in kept]
+    assert torch.allclose(vectors, expected_vectors(model_folder, [source["img"][i] for i in kept]), rtol=0,
+                          atol=1e-4)
+    info = json.loads((tmp_path / "skip" / "embed_info.json").read_text())
+    assert (info["rows"], info["bad_images"]) == (5, 1)
+    assert "1 undecodable images left out" in capsys.readouterr().out
