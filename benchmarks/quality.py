@@ -55,7 +55,7 @@ def run(genotype: str, args: argparse.Namespace) -> dict:
         pretrain_command.main([
             "--train_file", str(train), "--validation_file", str(test), "--genotype", genotype,
             "--output_dir", str(out), "--overwrite_output_dir", "--num_train_epochs", str(args.epochs),
-            "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", "0.06",
+            "--per_device_train_batch_size", str(args.batch_size), "--base_learning_rate", "0.06",
             "--seed", str(args.seed), "--knn_every", str(args.epochs), "--checkpointing_steps", "no",
             *args.extra,
         ])

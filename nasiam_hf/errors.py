@@ -14,6 +14,7 @@ The traceback is printed only with ``--debug`` on the command line or ``NASIAM_D
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import sys
@@ -58,6 +59,12 @@ class NonFiniteLossError(TrainingError):
 
 class PushError(TrainingError):
     """Uploading to the Hub failed; the model is saved locally."""
+
+
+def did_you_mean(value: object, choices, prefix: str = "; ") -> str:
+    """``"; did you mean 'simclr'?"`` for the choice closest to ``value`` (difflib), or ``""`` when none is close."""
+    close = difflib.get_close_matches(str(value), [str(choice) for choice in choices], n=1, cutoff=0.6)
+    return f"{prefix}did you mean {close[0]!r}?" if close else ""
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:
@@ -148,5 +155,6 @@ __all__ = [
     "UsageError",
     "debug_requested",
     "describe_error",
+    "did_you_mean",
     "run_entry_point",
 ]

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DamagedCheckpointError, FolderKindError
+from .errors import DamagedCheckpointError, FolderKindError, did_you_mean
 from .presets import PRESETS
 
 CHECKPOINT_DIR = "checkpoints"
@@ -362,7 +362,8 @@ def require_genotype_source(path: str | os.PathLike, flag: str = "--genotype") -
     if info.kind in (FolderKind.SEARCH_OUTPUT, FolderKind.MODEL, FolderKind.CONFIG_ONLY):
         return info
     if info.kind is FolderKind.MISSING:
-        raise FolderKindError(f"{flag} {str(path)!r} is neither a folder nor a preset; presets: {sorted(PRESETS)}")
+        raise FolderKindError(f"{flag} {str(path)!r} is neither a folder nor a preset"
+                              f"{did_you_mean(path, PRESETS)}; presets: {sorted(PRESETS)}")
     _refuse(info, flag, "a finished search output (config.json + genotype.json) or a NASiam model folder",
             "genotype")
 

@@ -87,10 +87,11 @@ def run_linear_eval(command: LinearEvalCommand) -> dict:
     # a labelled set smaller than the batch is used whole (few-label evaluation)
     batch = fit_probe_batch(len(splits.train), plan.per_device_batch,
                             1 if data.no_augmentation else accelerator.num_processes)
-    probe = LinearProbeConfig(epochs=plan.epochs, batch_size=batch, lr=plan.lr, momentum=plan.momentum,
-                              weight_decay=plan.weight_decay, feature_norm=plan.feature_norm, seed=run.seed)
     # cached features: every process trains the same probe on all of them; images: each process its shard
     global_batch = batch if data.no_augmentation else batch * accelerator.num_processes
+    rate = plan.learning_rate(global_batch)
+    probe = LinearProbeConfig(epochs=plan.epochs, batch_size=batch, lr=rate.lr, momentum=plan.momentum,
+                              weight_decay=plan.weight_decay, feature_norm=plan.feature_norm, seed=run.seed)
     workers, eval_batch = data.dataloader_num_workers, probe_args.per_device_eval_batch_size
     plain_train, plain_eval = accelerator.prepare(
         make_loader(view_dataset_for(splits, "train", "eval"), eval_batch, shuffle=False, num_workers=workers),
@@ -100,7 +101,7 @@ def run_linear_eval(command: LinearEvalCommand) -> dict:
     eval_features, eval_labels = extract_features(encoder, plain_eval, accelerator, desc="eval features")
     lr = probe.lr_for(global_batch)
     accelerator.print(
-        f"linear probe: {probe.epochs} epochs, global batch {global_batch}, lr {lr:.4g}, features "
+        f"linear probe: {probe.epochs} epochs, global batch {global_batch}, {rate.describe()}, features "
         f"{probe.feature_norm}, recipe {plan.recipe}, " + (
             "cached features (no augmentation)" if data.no_augmentation
             else "light augmentation (features recomputed every epoch)")
@@ -124,8 +125,9 @@ def run_linear_eval(command: LinearEvalCommand) -> dict:
     split = data.eval_split or ("validation" if (data.validation_file or data.validation_dir) else "test")
     results = {
         "linear_probe": {**linear, "dataset_name": splits.name, "split": split, "epochs": probe.epochs,
-                         "lr": lr, "global_batch": global_batch, "feature_norm": probe.feature_norm,
-                         "augmentation": not data.no_augmentation, "recipe": plan.recipe},
+                         "lr": lr, "base_lr": rate.base_lr, "global_batch": global_batch,
+                         "feature_norm": probe.feature_norm, "augmentation": not data.no_augmentation,
+                         "recipe": plan.recipe},
         "knn": {**knn, "k_requested": knn_args.knn_k, "temperature": knn_args.knn_temperature,
                 "dataset_name": splits.name, "split": split},
     }

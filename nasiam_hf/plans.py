@@ -60,8 +60,35 @@ def recipe_name(requested: str | None, policy: str) -> str:
 
 
 @dataclass(frozen=True)
+class LearningRate:
+    """The rate a run uses and its rate per 256 images: ``lr = base_lr x global_batch / 256``. ``source`` says which
+    one was set ("given": ``--learning_rate``; "base": ``--base_learning_rate`` or the recipe's) and which derived."""
+
+    lr: float
+    base_lr: float
+    global_batch: int
+    source: str
+
+    def describe(self) -> str:
+        if self.source == "given":
+            return f"lr {self.lr:.4g} (given; base-equivalent {self.base_lr:.4g} per 256)"
+        return f"effective lr {self.lr:.4g} (= base {self.base_lr:g} x {self.global_batch}/256)"
+
+
+def resolve_learning_rate(learning_rate: float | None, base_learning_rate: float | None, default_base: float,
+                          global_batch: int) -> LearningRate:
+    """``--learning_rate`` as given, else ``--base_learning_rate`` (else ``default_base``) scaled by the global
+    batch. The arguments refuse both at once (:func:`nasiam_hf.arguments.fields.check_learning_rates`)."""
+    if learning_rate is not None:
+        return LearningRate(learning_rate, learning_rate * 256 / global_batch, global_batch, "given")
+    base = base_learning_rate if base_learning_rate is not None else default_base
+    return LearningRate(scaled_lr(base, global_batch), base, global_batch, "base")
+
+
+@dataclass(frozen=True)
 class OptimizationPlan:
-    """The weight optimisation of a run: batch, updates, learning rate (after the linear scaling rule)."""
+    """The weight optimisation of a run: batch, updates, learning rate (``lr`` is the rate used; ``base_lr`` the
+    rate per 256 images, given or derived, as ``lr_source`` says)."""
 
     recipe: str | None
     per_device_batch: int
@@ -70,6 +97,7 @@ class OptimizationPlan:
     global_batch: int
     base_lr: float
     lr: float
+    lr_source: str
     weight_decay: float
     epochs: int | None
     max_train_steps: int | None
@@ -90,8 +118,9 @@ class OptimizationPlan:
             optimizer = (f"LARS (trust coefficient {self.trust_coefficient:g}"
                          + (", clipped" if self.trust_clip else "")
                          + "; biases and norm parameters not adapted, no weight decay)")
-        return (f"{batch}, {optimizer}, effective lr {self.lr:.4g} (= {self.base_lr} x {self.global_batch}/256), "
-                f"weight decay {self.weight_decay:g}" + (f", recipe {self.recipe}" if self.recipe else ""))
+        rate = LearningRate(self.lr, self.base_lr, self.global_batch, self.lr_source).describe()
+        return (f"{batch}, {optimizer}, {rate}, weight decay {self.weight_decay:g}"
+                + (f", recipe {self.recipe}" if self.recipe else ""))
 
     def total_steps(self, feed) -> int:
         """Optimizer updates of the whole run: ``--max_train_steps``, else the updates of the epochs of ``feed``
@@ -107,13 +136,13 @@ class OptimizationPlan:
 
 
 def optimization_plan(opt: OptimizationArguments, num_processes: int, recipe: str | None, *, batch_size: int,
-                      lr: float, weight_decay: float, epochs: int | None, warmup_epochs: float = 0.0,
+                      base_lr: float, weight_decay: float, epochs: int | None, warmup_epochs: float = 0.0,
                       momentum: float = 0.9, optimizer: str = "sgd", trust_coefficient: float | None = None,
                       trust_clip: bool | None = None) -> OptimizationPlan:
     """Flags over the recipe's values. The recipe's ``batch_size`` is global: without
-    ``--per_device_train_batch_size`` it is divided over the processes and the accumulation steps. ``--optimizer``
-    over the recipe's; LARS takes the recipe's trust coefficient and clipping when the recipe trains with LARS,
-    else timm's defaults (0.001, no clipping)."""
+    ``--per_device_train_batch_size`` it is divided over the processes and the accumulation steps; its ``base_lr``
+    is per 256 images of the global batch. ``--optimizer`` over the recipe's; LARS takes the recipe's trust
+    coefficient and clipping when the recipe trains with LARS, else timm's defaults (0.001, no clipping)."""
     chosen = opt.optimizer or optimizer
     if chosen != "lars":
         trust_coefficient = trust_clip = None
@@ -121,11 +150,11 @@ def optimization_plan(opt: OptimizationArguments, num_processes: int, recipe: st
         trust_coefficient, trust_clip = 0.001, False
     accumulation = opt.gradient_accumulation_steps
     batch = opt.per_device_train_batch_size or max(1, batch_size // (num_processes * accumulation))
-    base_lr = opt.learning_rate if opt.learning_rate is not None else lr
     global_batch = batch * num_processes * accumulation
+    rate = resolve_learning_rate(opt.learning_rate, opt.base_learning_rate, base_lr, global_batch)
     return OptimizationPlan(
         recipe=recipe, per_device_batch=batch, num_processes=num_processes, accumulation=accumulation,
-        global_batch=global_batch, base_lr=base_lr, lr=scaled_lr(base_lr, global_batch),
+        global_batch=global_batch, base_lr=rate.base_lr, lr=rate.lr, lr_source=rate.source,
         weight_decay=opt.weight_decay if opt.weight_decay is not None else weight_decay,
         epochs=opt.num_train_epochs if opt.num_train_epochs is not None else epochs,
         max_train_steps=opt.max_train_steps,
@@ -228,7 +257,7 @@ def plan_search(command: SearchCommand, policy: str, image_size: int, num_proces
     return SearchPlan(
         config=config,
         optimization=optimization_plan(command.optimization, num_processes, name, batch_size=block.batch_size,
-                                       lr=block.lr, weight_decay=block.weight_decay, epochs=block.epochs,
+                                       base_lr=block.base_lr, weight_decay=block.weight_decay, epochs=block.epochs,
                                        momentum=block.momentum, **recipe_optimizer(recipe, search=True)),
         fix_predictor_lr=block.fix_predictor_lr,
         train_portion=s.train_portion if s.train_portion is not None else block.train_portion,
@@ -303,7 +332,7 @@ def plan_pretrain(command: PretrainCommand, policy: str, image_size: int, num_pr
     return PretrainPlan(
         config=values,
         optimization=optimization_plan(command.optimization, num_processes, name, batch_size=recipe.batch_size,
-                                       lr=recipe.lr, weight_decay=recipe.weight_decay, epochs=recipe.epochs,
+                                       base_lr=recipe.base_lr, weight_decay=recipe.weight_decay, epochs=recipe.epochs,
                                        warmup_epochs=recipe.warmup_epochs, momentum=recipe.momentum,
                                        **recipe_optimizer(recipe)),
         fix_predictor_lr=recipe.fix_predictor_lr and not command.pretrain.no_fix_predictor_lr,
@@ -325,24 +354,35 @@ def plan_finetune(command: FinetuneCommand, num_processes: int) -> FinetunePlan:
     if opt.optimizer == "lars":
         lars_class()
     plan = optimization_plan(opt, num_processes, None, batch_size=opt.per_device_train_batch_size,
-                             lr=opt.learning_rate, weight_decay=opt.weight_decay, epochs=opt.num_train_epochs)
+                             base_lr=opt.default_base_learning_rate, weight_decay=opt.weight_decay,
+                             epochs=opt.num_train_epochs)
     return FinetunePlan(plan, opt.classifier_lr_multiplier)
 
 
 @dataclass(frozen=True)
 class LinearEvalPlan:
-    """The probe: recipe values under the flags (``lr`` None: the probe's default, scaled by its global batch)."""
+    """The probe: recipe values under the flags. Its global batch is known once the labelled set is (a small set is
+    used whole), so the rate is resolved then: ``lr`` as given, else ``base_lr`` scaled (:meth:`learning_rate`)."""
 
     recipe: str
     epochs: int
     per_device_batch: int
     lr: float | None
+    base_lr: float
     weight_decay: float
     momentum: float
     feature_norm: str
 
+    def learning_rate(self, global_batch: int) -> LearningRate:
+        return resolve_learning_rate(self.lr, None, self.base_lr, global_batch)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The official probes train on raw features at 30 per 256 images (SimSiam's CIFAR probe); the recipes' rate is for
+# batch-normalised features.
+RAW_FEATURE_PROBE_BASE_LR = 30.0
 
 
 def plan_linear_eval(command: LinearEvalCommand, policy: str, framework: str) -> LinearEvalPlan:
@@ -350,17 +390,21 @@ def plan_linear_eval(command: LinearEvalCommand, policy: str, framework: str) ->
     probe = command.probe
     name = recipe_name(probe.recipe, policy)
     block = resolve_recipe(name, framework).probe
+    feature_norm = probe.feature_norm or block.feature_norm
+    default_base = block.base_lr if feature_norm == block.feature_norm else RAW_FEATURE_PROBE_BASE_LR
     return LinearEvalPlan(
         recipe=name,
         epochs=probe.num_train_epochs if probe.num_train_epochs is not None else block.epochs,
         per_device_batch=probe.per_device_train_batch_size or block.batch_size, lr=probe.learning_rate,
+        base_lr=probe.base_learning_rate if probe.base_learning_rate is not None else default_base,
         weight_decay=probe.weight_decay if probe.weight_decay is not None else block.weight_decay,
-        momentum=block.momentum, feature_norm=probe.feature_norm or block.feature_norm,
+        momentum=block.momentum, feature_norm=feature_norm,
     )
 
 
 __all__ = [
     "FinetunePlan",
+    "LearningRate",
     "LinearEvalPlan",
     "OptimizationPlan",
     "PretrainPlan",
@@ -376,4 +420,5 @@ __all__ = [
     "plan_linear_eval",
     "plan_pretrain",
     "plan_search",
+    "resolve_learning_rate",
 ]

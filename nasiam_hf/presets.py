@@ -111,14 +111,14 @@ KEY_MOMENTUM_SCHEDULES = ("constant", "cosine")
 
 @dataclass(frozen=True)
 class SearchRecipe:
-    """The bilevel search: ``optimizer`` (SGD or LARS, with the recipe's LARS settings) on the weights (``lr`` per
-    256 images of the global batch), an Adam-type optimizer on the alphas, the training split cut into a weight half
-    and an alpha half (``train_portion``)."""
+    """The bilevel search: ``optimizer`` (SGD or LARS, with the recipe's LARS settings) on the weights (``base_lr``
+    per 256 images, scaled by the global batch), an Adam-type optimizer on the alphas at the absolute ``arch_lr``, the
+    training split cut into a weight half and an alpha half (``train_portion``)."""
 
     optimizer: str
     epochs: int
     batch_size: int
-    lr: float
+    base_lr: float
     weight_decay: float
     momentum: float
     fix_predictor_lr: bool
@@ -145,16 +145,16 @@ class ProbeRecipe:
 class Recipe:
     """Everything one ``--recipe`` fixes for one framework; ``resolve_recipe`` returns it.
 
-    ``lr`` is the base rate for 256 images; the run uses ``scaled_lr(global batch)`` (``lr_scaling`` "linear":
-    ``lr x global batch / 256``). ``batch_size`` is the global batch. ``optimizer`` is "sgd" or "lars"
-    (``timm.optim.Lars`` with ``lars_trust_coefficient`` and, when ``lars_trust_clip``, LARC's clipping; biases and
-    norm parameters excluded from adaptation and weight decay). ``key_momentum`` is MoCo v2's key-encoder momentum or
-    BYOL's base EMA rate (``key_momentum_schedule`` "cosine": it rises to 1). ``loss`` names the form
-    :mod:`~nasiam_hf.objectives` computes. ``key_bn_splits`` is the number of BatchNorm groups MoCo v2's key batch is
-    cut into (:func:`~nasiam_hf.objectives.shuffled_key_encode`); ``None`` where there is no key encoder.
-    ``projector_width`` (Barlow Twins, VICReg) is the width of every projector layer and of the embedding, where the
-    genotype does not fix them; ``off_diagonal_weight`` and ``correlation_scale`` are Barlow Twins' constants,
-    ``invariance_weight`` / ``variance_weight`` / ``covariance_weight`` VICReg's.
+    ``base_lr`` is the rate per 256 images; the run uses ``scaled_lr(global batch)`` (``lr_scaling`` "linear":
+    ``base_lr x global batch / 256``), unless ``--learning_rate`` gives the rate itself. ``batch_size`` is the
+    global batch. ``optimizer`` is "sgd" or "lars" (``timm.optim.Lars`` with ``lars_trust_coefficient`` and, when
+    ``lars_trust_clip``, LARC's clipping; biases and norm parameters excluded from adaptation and weight decay).
+    ``key_momentum`` is MoCo v2's key-encoder momentum or BYOL's base EMA rate (``key_momentum_schedule`` "cosine":
+    it rises to 1). ``loss`` names the form :mod:`~nasiam_hf.objectives` computes. ``key_bn_splits`` is the number of
+    BatchNorm groups MoCo v2's key batch is cut into (:func:`~nasiam_hf.objectives.shuffled_key_encode`); ``None``
+    where there is no key encoder. ``projector_width`` (Barlow Twins, VICReg) is the width of every projector layer
+    and of the embedding, where the genotype does not fix them; ``off_diagonal_weight`` and ``correlation_scale`` are
+    Barlow Twins' constants, ``invariance_weight`` / ``variance_weight`` / ``covariance_weight`` VICReg's.
     """
 
     name: str
@@ -163,7 +163,7 @@ class Recipe:
     cifar_stem: bool
     epochs: int
     batch_size: int
-    lr: float
+    base_lr: float
     lr_scaling: str
     weight_decay: float
     momentum: float
@@ -190,7 +190,7 @@ class Recipe:
 
     def scaled_lr(self, global_batch: int) -> float:
         """The pretraining learning rate for ``global_batch`` images per step."""
-        return self.lr * global_batch / 256
+        return self.base_lr * global_batch / 256
 
     def method_values(self) -> dict[str, float | int]:
         """The framework constants the recipe sets, under their NASiamConfig names (temperature, queue_size,
@@ -209,19 +209,20 @@ class Recipe:
         return {"projector_hidden_size": self.projector_width, "projection_dim": self.projector_width}
 
 
-_CIFAR_SEARCH = SearchRecipe(optimizer="sgd", epochs=100, batch_size=512, lr=0.06, weight_decay=5e-4, momentum=0.9,
+_CIFAR_SEARCH = SearchRecipe(optimizer="sgd", epochs=100, batch_size=512, base_lr=0.06, weight_decay=5e-4,
+                             momentum=0.9,
                              fix_predictor_lr=False, arch_optimizer="adamw", arch_lr=1e-3, arch_betas=(0.9, 0.999),
                              arch_weight_decay=1e-3, train_portion=0.5)
 _PROBE = ProbeRecipe(epochs=100, batch_size=256, base_lr=0.03, weight_decay=0.0, momentum=0.9,
                      feature_norm="batchnorm")
-_CIFAR = dict(name="cifar", image_size=32, cifar_stem=True, epochs=800, batch_size=512, lr=0.06, lr_scaling="linear",
-              weight_decay=5e-4, momentum=0.9, optimizer="sgd", lars_trust_coefficient=None, lars_trust_clip=None,
-              warmup_epochs=0, temperature=None, queue_size=None, key_momentum=None, key_momentum_schedule=None,
-              key_bn_splits=None, zero_init_residual=True, fix_predictor_lr=False, projector_width=None,
-              off_diagonal_weight=None, correlation_scale=None, invariance_weight=None, variance_weight=None,
-              covariance_weight=None, search=_CIFAR_SEARCH, probe=_PROBE)
-_IMAGENET = dict(_CIFAR, name="imagenet", image_size=224, cifar_stem=False, epochs=100, lr=0.05, weight_decay=1e-4,
-                 search=replace(_CIFAR_SEARCH, lr=0.05, weight_decay=1e-4))
+_CIFAR = dict(name="cifar", image_size=32, cifar_stem=True, epochs=800, batch_size=512, base_lr=0.06,
+              lr_scaling="linear", weight_decay=5e-4, momentum=0.9, optimizer="sgd", lars_trust_coefficient=None,
+              lars_trust_clip=None, warmup_epochs=0, temperature=None, queue_size=None, key_momentum=None,
+              key_momentum_schedule=None, key_bn_splits=None, zero_init_residual=True, fix_predictor_lr=False,
+              projector_width=None, off_diagonal_weight=None, correlation_scale=None, invariance_weight=None,
+              variance_weight=None, covariance_weight=None, search=_CIFAR_SEARCH, probe=_PROBE)
+_IMAGENET = dict(_CIFAR, name="imagenet", image_size=224, cifar_stem=False, epochs=100, base_lr=0.05,
+                 weight_decay=1e-4, search=replace(_CIFAR_SEARCH, base_lr=0.05, weight_decay=1e-4))
 
 _SIAMESE_LOSS = "0.5 (D(p1, z2) + D(p2, z1))"  # D = negative cosine, targets stop-gradient: the loss lies in [-1, 1]
 _MOCO_LOSS = "L12 + L21"  # InfoNCE of each view's query against the other view's key, summed (not averaged)
@@ -246,7 +247,7 @@ def _mocov2(base: dict, **changes) -> dict:
     values = dict(base, framework="mocov2", loss=_MOCO_LOSS, key_momentum_schedule="constant", key_bn_splits=8,
                   **changes)
     # the search steps the weights as pretraining does, and the alphas with Adam(3e-4) as the authors' MoCo search
-    values["search"] = replace(values["search"], lr=values["lr"], batch_size=values["batch_size"],
+    values["search"] = replace(values["search"], base_lr=values["base_lr"], batch_size=values["batch_size"],
                                arch_optimizer="adam", arch_lr=3e-4)
     return values
 
@@ -260,8 +261,8 @@ def _lars(base: dict, *, trust_coefficient: float, trust_clip: bool, **changes) 
     the alphas keep the base's Adam-type optimizer."""
     values = dict(base, optimizer="lars", lars_trust_coefficient=trust_coefficient, lars_trust_clip=trust_clip,
                   **changes)
-    values["search"] = replace(values["search"], optimizer="lars", lr=values["lr"], batch_size=values["batch_size"],
-                               weight_decay=values["weight_decay"])
+    values["search"] = replace(values["search"], optimizer="lars", base_lr=values["base_lr"],
+                               batch_size=values["batch_size"], weight_decay=values["weight_decay"])
     return values
 
 
@@ -278,9 +279,9 @@ def _vicreg(base: dict, **changes) -> dict:
 # images, batch 256, weight decay 1e-4, trust coefficient 0.02 with clipping, 10 warm-up epochs, 1000 epochs,
 # 2048-wide projectors. The references' ImageNet runs: LARS at 0.2 per 256, batch 2048, trust coefficient 0.001,
 # 10 warm-up epochs, 1000 epochs, 8192-wide projectors.
-_CIFAR_REDUNDANCY = dict(epochs=1000, batch_size=256, lr=0.3, weight_decay=1e-4, warmup_epochs=10,
+_CIFAR_REDUNDANCY = dict(epochs=1000, batch_size=256, base_lr=0.3, weight_decay=1e-4, warmup_epochs=10,
                          trust_coefficient=0.02, trust_clip=True, projector_width=2048)
-_IMAGENET_REDUNDANCY = dict(epochs=1000, batch_size=2048, lr=0.2, warmup_epochs=10, trust_coefficient=0.001,
+_IMAGENET_REDUNDANCY = dict(epochs=1000, batch_size=2048, base_lr=0.2, warmup_epochs=10, trust_coefficient=0.001,
                             trust_clip=False, projector_width=8192)
 
 
@@ -290,15 +291,15 @@ RECIPE_TABLE: dict[str, dict[str, Recipe]] = {
         "cifar": [
             _simsiam(_CIFAR),
             _simclr(_CIFAR, temperature=0.5),
-            _mocov2(_CIFAR, lr=0.03, temperature=0.1, queue_size=4096, key_momentum=0.99),
-            _byol(_CIFAR, lr=0.12, key_momentum=0.99),
+            _mocov2(_CIFAR, base_lr=0.03, temperature=0.1, queue_size=4096, key_momentum=0.99),
+            _byol(_CIFAR, base_lr=0.12, key_momentum=0.99),
             _barlowtwins(_CIFAR, correlation_scale=0.1, **_CIFAR_REDUNDANCY),
             _vicreg(_CIFAR, **_CIFAR_REDUNDANCY),
         ],
         "imagenet": [
             _simsiam(_IMAGENET),
             _simclr(_IMAGENET, temperature=0.1, warmup_epochs=10),
-            _mocov2(_IMAGENET, lr=0.03, batch_size=256, temperature=0.2, queue_size=65536, key_momentum=0.999),
+            _mocov2(_IMAGENET, base_lr=0.03, batch_size=256, temperature=0.2, queue_size=65536, key_momentum=0.999),
             _byol(_IMAGENET, key_momentum=0.996, warmup_epochs=10),
             _barlowtwins(_IMAGENET, weight_decay=1.5e-6, correlation_scale=0.024, **_IMAGENET_REDUNDANCY),
             _vicreg(_IMAGENET, weight_decay=1e-6, **_IMAGENET_REDUNDANCY),

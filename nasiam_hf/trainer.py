@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from torch import distributed as dist
 
@@ -64,6 +65,11 @@ def make_accelerator(output_dir: str | None, seed: int, precision: PrecisionArgu
             num_steps=gradient_accumulation_steps, sync_with_dataloader=False),
     )
     refuse_unsupported_engine(accelerator)
+    try:
+        precision.check_device(accelerator.device.type, accelerator.mixed_precision)
+    except ValueError:
+        AcceleratorState._reset_state()  # the next run in this process may choose its precision again
+        raise
     set_seed(seed)
     return accelerator
 

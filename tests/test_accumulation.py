@@ -165,7 +165,7 @@ def test_byol_pretraining_counts_updates_not_micro_batches(tiny_parquet, tmp_pat
     out, total = tmp_path / "byol", 4
     pretrain_command.main(["--train_file", str(train), "--genotype", "byol-baseline", "--output_dir", str(out),
                            *TINY_RUN, *NO_KNN, "--max_train_steps", str(total), "--momentum", "0.5",
-                           "--learning_rate", "2.0", "--num_warmup_epochs", "0", "--checkpointing_steps", "1",
+                           "--base_learning_rate", "2.0", "--num_warmup_epochs", "0", "--checkpointing_steps", "1",
                            "--checkpoints_total_limit", "10"])
     assert "global batch 8 (= 4 per device x 1 processes x 2 accumulated)" in capsys.readouterr().out
     args = json.loads((out / "training_args.json").read_text())
@@ -225,10 +225,11 @@ def test_max_grad_norm_clips_the_update(tiny_parquet, tmp_path):
     train, _ = tiny_parquet
     clip, base_lr = 0.05, 0.4
     lr = base_lr * 8 / 256
-    clipped = pretrain_once(train, tmp_path / "clipped", "--learning_rate", str(base_lr), "--max_grad_norm", str(clip))
-    clipped_2x = pretrain_once(train, tmp_path / "clipped-2x", "--learning_rate", str(2 * base_lr),
+    clipped = pretrain_once(train, tmp_path / "clipped", "--base_learning_rate", str(base_lr),
+                            "--max_grad_norm", str(clip))
+    clipped_2x = pretrain_once(train, tmp_path / "clipped-2x", "--base_learning_rate", str(2 * base_lr),
                                "--max_grad_norm", str(clip))
-    free = pretrain_once(train, tmp_path / "free", "--learning_rate", str(base_lr))
+    free = pretrain_once(train, tmp_path / "free", "--base_learning_rate", str(base_lr))
 
     def norm(a, b):
         return math.sqrt(sum(((a[n].double() - b[n].double()) ** 2).sum().item() for n in a))

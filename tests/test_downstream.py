@@ -237,7 +237,7 @@ def test_finetune_command_lowers_the_loss_and_saves_a_classifier(tmp_path):
     out = tmp_path / "ft"
     common = ["--model_name_or_path", str(tmp_path / "pre"), "--train_file", train, "--validation_file", test,
               "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--seed", "0"]
-    finetune_main(common + ["--output_dir", str(out), "--num_train_epochs", "3", "--learning_rate", "0.02",
+    finetune_main(common + ["--output_dir", str(out), "--num_train_epochs", "3", "--base_learning_rate", "0.02",
                             "--checkpointing_steps", "no"])
     history = json.loads((out / "finetune_history.json").read_text())["epochs"]
     assert len(history) == 3 and history[-1]["loss"] < 0.8 * history[0]["loss"]

@@ -63,6 +63,37 @@ CASES = [
     # Hub options that cannot work together
     (pretrain, "--push_to_hub", ["--push_to_hub", "--hub_model_id"]),
     (search, "--hub_revision dev", ["--hub_revision", "--push_to_hub and --push_checkpoints only"]),
+    # parsing errors: one line, with the closest choice or flag, never the usage (issue 19)
+    (search, "--framework simclrr", ["error: argument --framework: invalid choice 'simclrr' (choose from simsiam, "
+                                     "simclr, mocov2, byol); did you mean 'simclr'? (see --help)"]),
+    (search, "--search_method darts_minus", ["argument --search_method: invalid choice 'darts_minus'",
+                                             "did you mean 'darts-minus'?"]),
+    (pretrain, "--recipe cifra", ["argument --recipe: invalid choice 'cifra' (choose from cifar, imagenet); did you "
+                                  "mean 'cifar'? (see --help)"]),
+    (pretrain, "--mixed_precision bf61", ["argument --mixed_precision: invalid choice 'bf61'", "'bf16'?"]),
+    (linear_eval, "--feature_norm batchnom", ["argument --feature_norm: invalid choice 'batchnom'",
+                                              "did you mean 'batchnorm'?"]),
+    (finetune, "--on_bad_image skp", ["argument --on_bad_image: invalid choice 'skp' (choose from error, skip); "
+                                      "did you mean 'skip'?"]),
+    (pretrain, "--genotype simclr-basline", ["--genotype 'simclr-basline' is neither a folder nor a preset; did you "
+                                             "mean 'simclr-baseline'?"]),
+    (search, "--learning_rat 0.1", ["error: unrecognized arguments: --learning_rat 0.1; --learning_rat: did you "
+                                    "mean '--learning_rate'? (see --help)"]),
+    (linear_eval, "--knn_kk 5", ["unrecognized arguments: --knn_kk 5; --knn_kk: did you mean '--knn_k'?"]),
+    (finetune, "--num_train_epochs two", ["error: argument --num_train_epochs: invalid int value: 'two' (see "
+                                          "--help)"]),
+    # learning rates: the rate itself or the rate per 256 images, not both (issue 21)
+    (search, "--learning_rate 0.1 --base_learning_rate 0.2", ["pass --learning_rate (the rate itself, 0.1) or "
+                                                              "--base_learning_rate (a rate per 256 images, 0.2",
+                                                              "not both"]),
+    (pretrain, "--learning_rate 0.1 --base_learning_rate 0.2", ["--learning_rate", "--base_learning_rate", "not both"]),
+    (linear_eval, "--learning_rate 1 --base_learning_rate 2", ["--learning_rate", "--base_learning_rate", "not both"]),
+    (finetune, "--learning_rate 0.1 --base_learning_rate 0.2", ["--learning_rate", "--base_learning_rate", "not both"]),
+    (pretrain, "--base_learning_rate 0", ["--base_learning_rate must be positive, got 0.0"]),
+    # fp16 on a CPU would train in fp32 while the record says fp16 (issue 19): refused where the device is known
+    (search, "--mixed_precision fp16", ["error: --mixed_precision fp16 is not supported on a CPU, where it would train "
+                                        "in fp32: bf16 is the CPU's half precision; pass --mixed_precision bf16"]),
+    (pretrain, "--mixed_precision fp16", ["--mixed_precision fp16", "bf16 is the CPU's half precision"]),
 ]
 
 
@@ -77,7 +108,7 @@ def command_line(command, flags: str, tmp_path) -> list[str]:
 
 @pytest.mark.parametrize("command, flags, fragments", CASES,
                          ids=[f"{c.__name__.rsplit('.', 1)[-1]}:{f}" for c, f, _ in CASES])
-def test_refused_before_any_data_with_one_line(command, flags, fragments, tmp_path, capsys):
+def test_refused_before_any_data_with_one_line(command, flags, fragments, tmp_path, capsys, fresh_accelerate_state):
     with pytest.raises(SystemExit) as info:
         command.main(command_line(command, flags, tmp_path))
     captured = capsys.readouterr()
@@ -105,3 +136,85 @@ def test_flags_that_apply_reach_the_data(command, flags, tmp_path, capsys):
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert info.value.code == 2 and "missing.parquet" in message, message
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("command, drop", [(search, "--output_dir"), (pretrain, "--output_dir"),
+                                           (finetune, "--output_dir"), (linear_eval, "--model_name_or_path"),
+                                           (finetune, "--model_name_or_path")])
+def test_a_missing_required_flag_is_one_line(command, drop, tmp_path, capsys):
+    argv = command_line(command, "", tmp_path)
+    at = argv.index(drop)
+    with pytest.raises(SystemExit) as info:
+        command.main(argv[:at] + argv[at + 2:])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2
+    assert lines == [f"error: the following arguments are required: {drop} (see --help)"], lines
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps its state per process: start from none (an earlier test's precision would stick), and leave
+    none behind."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    yield
+    reset()
+
+
+def test_fp16_from_the_accelerate_config_is_refused_on_a_cpu_too(tmp_path, capsys, monkeypatch,
+                                                                  fresh_accelerate_state):
+    """No flag, fp16 from accelerate's own settings (here its environment variable): the same refusal, naming where
+    fp16 came from; and the process can run again afterwards (the refused state is not left behind)."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(SystemExit) as info:
+        pretrain.main(command_line(pretrain, "", tmp_path))
+    message = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(message) == 1
+    assert message[0].startswith("error: mixed_precision fp16 (from the accelerate config) is not supported on a CPU")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    with pytest.raises(SystemExit):
+        pretrain.main(command_line(pretrain, "", tmp_path))
+    assert "missing.parquet" in capsys.readouterr().err  # reached the data: fp16 was not kept from the refused run
+
+
+@pytest.mark.parametrize("command", [linear_eval, finetune], ids=["linear_eval", "finetune"])
+def test_the_commands_from_a_model_refuse_fp16_on_a_cpu_before_reading_the_data(command, tmp_path, capsys,
+                                                                                 fresh_accelerate_state):
+    """They check their model folder first, so they get a real one here."""
+    from nasiam_hf import NASiamConfig, NASiamModel
+
+    model = tmp_path / "model"
+    NASiamModel(NASiamConfig(image_size=16)).save_pretrained(model)
+    before = sorted(p.name for p in model.iterdir())
+    argv = ["--train_file", str(tmp_path / "missing.parquet"), "--model_name_or_path", str(model),
+            "--mixed_precision", "fp16"] + (["--output_dir", str(tmp_path / "out")] if command is finetune else [])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        command.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1, lines
+    assert "--mixed_precision fp16" in lines[0] and "bf16 is the CPU's half precision" in lines[0]
+    assert sorted(p.name for p in model.iterdir()) == before and not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["torchvison", "a", "b"], "error: argument target: invalid choice 'torchvison' (choose from torchvision, "
+                               "detectron2, official, checkpoint); did you mean 'torchvision'? (see --help)"),
+    (["official", "x.pth.tar", "out", "--framework", "simclrr"], "error: argument --framework: invalid choice "
+                                                                 "'simclrr' (choose from simsiam, mocov2, simclr); did "
+                                                                 "you mean 'simclr'? (see --help)"),
+    (["torchvision", "model"], "error: the following arguments are required: output (see --help)"),
+])
+def test_convert_argument_errors_are_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    from nasiam_hf.commands import convert
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        convert.main(argv)
+    assert info.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [message]
+    assert list(tmp_path.iterdir()) == []

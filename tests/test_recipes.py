@@ -21,7 +21,7 @@ ROWS = {
     "CIFAR stem": lambda r: r.cifar_stem,
     "epochs": lambda r: r.epochs,
     "batch (global)": lambda r: r.batch_size,
-    "lr per 256 images": lambda r: r.lr,
+    "base lr per 256 images": lambda r: r.base_lr,
     "weight decay": lambda r: r.weight_decay,
     "SGD momentum": lambda r: r.momentum,
     "optimizer": lambda r: r.optimizer,
@@ -44,7 +44,7 @@ ROWS = {
     "fixed predictor lr": lambda r: r.fix_predictor_lr,
     "search epochs": lambda r: r.search.epochs,
     "search batch": lambda r: r.search.batch_size,
-    "search lr per 256 images": lambda r: r.search.lr,
+    "search base lr per 256 images": lambda r: r.search.base_lr,
     "search weight decay": lambda r: r.search.weight_decay,
     "search optimizer": lambda r: r.search.optimizer,
     "search fixed predictor lr": lambda r: r.search.fix_predictor_lr,
@@ -54,7 +54,7 @@ ROWS = {
     "train portion": lambda r: r.search.train_portion,
     "probe epochs": lambda r: r.probe.epochs,
     "probe batch": lambda r: r.probe.batch_size,
-    "probe lr per 256 images": lambda r: r.probe.base_lr,
+    "probe base lr per 256 images": lambda r: r.probe.base_lr,
     "probe weight decay": lambda r: r.probe.weight_decay,
     "probe features": lambda r: r.probe.feature_norm,
 }
@@ -112,9 +112,9 @@ def test_every_recipe_field_is_in_the_tables_or_stated_once():
     fields = {f for f in Recipe.__dataclass_fields__ if f not in ("search", "probe")}
     fields |= {f"search.{f}" for f in type(recipe.search).__dataclass_fields__}
     fields |= {f"probe.{f}" for f in type(recipe.probe).__dataclass_fields__}
-    shown = {"image_size", "cifar_stem", "epochs", "batch_size", "lr", "weight_decay", "momentum", "warmup_epochs",
+    shown = {"image_size", "cifar_stem", "epochs", "batch_size", "base_lr", "weight_decay", "momentum", "warmup_epochs",
              "temperature", "queue_size", "key_momentum", "key_momentum_schedule", "loss", "key_bn_splits",
-             "zero_init_residual", "fix_predictor_lr", "search.epochs", "search.batch_size", "search.lr",
+             "zero_init_residual", "fix_predictor_lr", "search.epochs", "search.batch_size", "search.base_lr",
              "search.weight_decay", "search.fix_predictor_lr", "search.arch_optimizer", "search.arch_lr",
              "search.arch_weight_decay", "search.train_portion", "probe.epochs", "probe.batch_size",
              "probe.base_lr", "probe.weight_decay", "probe.feature_norm", "optimizer", "lars_trust_coefficient",
@@ -252,7 +252,7 @@ def test_every_recipe_reaches_the_pretraining_config_and_optimizer(framework, re
     assert (opt.recipe, opt.global_batch, opt.per_device_batch) == (recipe, expected.batch_size,
                                                                     expected.batch_size // 2)
     assert (opt.base_lr, opt.weight_decay, opt.epochs, opt.momentum, opt.warmup_epochs) == (
-        expected.lr, expected.weight_decay, expected.epochs, expected.momentum, expected.warmup_epochs)
+        expected.base_lr, expected.weight_decay, expected.epochs, expected.momentum, expected.warmup_epochs)
     assert opt.lr == pytest.approx(expected.scaled_lr(expected.batch_size))
     assert plan.fix_predictor_lr == expected.fix_predictor_lr
     config = NASiamConfig(**plan.config)
@@ -295,7 +295,7 @@ def test_every_recipe_reaches_the_search(framework, recipe, tmp_path):
     plan = plan_search(command, policy="cifar", image_size=8, num_processes=1)
     opt = plan.optimization
     assert (opt.global_batch, opt.base_lr, opt.weight_decay, opt.epochs, opt.momentum) == (
-        block.batch_size, block.lr, block.weight_decay, block.epochs, block.momentum)
+        block.batch_size, block.base_lr, block.weight_decay, block.epochs, block.momentum)
     lars = block.optimizer == "lars"
     assert (opt.optimizer, opt.trust_coefficient, opt.trust_clip) == (
         block.optimizer, expected.lars_trust_coefficient if lars else None, expected.lars_trust_clip if lars else None)
@@ -314,7 +314,7 @@ def test_explicit_flags_win_over_the_recipe(tmp_path):
 
     command = PretrainCommand.parse(["--dataset_name", "demo", "--output_dir", str(tmp_path), "--genotype",
                                      "mocov2-baseline", "--recipe", "imagenet", "--queue_size", "128",
-                                     "--learning_rate", "0.5", "--per_device_train_batch_size", "16",
+                                     "--base_learning_rate", "0.5", "--per_device_train_batch_size", "16",
                                      "--gradient_accumulation_steps", "4"])
     plan = plan_pretrain(command, policy="imagenet", image_size=8, num_processes=2)
     assert plan.config["queue_size"] == 128 and plan.config["temperature"] == 0.2  # flag, then recipe

@@ -67,3 +67,25 @@ def test_search_pretrain_evaluate_finetune_export(framework, name, tiny_parquet,
     convert_command.main(["torchvision", str(model), str(exported)])
     weights = load_file(exported)
     assert weights.keys() == loaded.backbone.state_dict().keys()
+
+
+def test_the_one_call_api_searches_pretrains_and_embeds(tiny_parquet, tmp_path):
+    import torch
+
+    import nasiam_hf
+
+    train, test = tiny_parquet
+    tiny = dict(image_size=8, per_device_train_batch_size=8, max_train_steps=2, checkpointing_steps="no",
+                projector_hidden_size=32, projection_dim=16)
+    searched = nasiam_hf.search(train_file=train, framework="vicreg", projector_layers=2, output_dir=tmp_path / "s",
+                                hessian_every=0, **tiny)
+    assert searched.model.config.framework == "vicreg" and list(searched.metrics["genotype"]) == ["projector"]
+    pretrained = nasiam_hf.pretrain(train_file=train, validation_file=test, genotype=str(tmp_path / "s"),
+                                    output_dir=tmp_path / "m", knn_k=5, optimizer="sgd", **tiny)
+    assert pretrained.model.config.framework == "vicreg" and 0 <= pretrained.metrics["knn_top1"] <= 100
+    embedded = nasiam_hf.embed(model_name_or_path=tmp_path / "m", train_file=train, output_dir=tmp_path / "e",
+                               embed="projector")
+    assert (embedded.metrics["rows"], embedded.metrics["dimension"]) == (48, 16) and embedded.model is None
+    with pytest.raises(ValueError, match=r"nasiam_hf.embed\(\): unknown keyword 'shard'"):
+        nasiam_hf.embed(model_name_or_path=tmp_path / "m", train_file=train, output_dir=tmp_path / "x", shard=4)
+    assert torch.is_tensor(pretrained.model.nasiam.projector.output.weight)

@@ -31,7 +31,7 @@ def search_run(tiny_parquet, tmp_path_factory):
 @pytest.mark.slow  # an accelerate launch of a 2-epoch search (about 4 minutes on a loaded 2-core machine)
 def test_search_writes_every_output(search_run):
     out, result = search_run
-    assert "effective lr 0.001875 (= 0.06 x 8/256)" in result.stdout + result.stderr
+    assert "effective lr 0.001875 (= base 0.06 x 8/256)" in result.stdout + result.stderr
     config = NASiamConfig.from_pretrained(out)
     genotype = json.loads((out / "genotype.json").read_text())
     assert genotype == {"projector": config.projector_genotype, "predictor": config.predictor_genotype}

@@ -10,8 +10,10 @@ arguments. From Python, build a bundle directly or from flags (:mod:`.parsing` a
     from nasiam_hf.arguments import SearchCommand
     run_search(SearchCommand.parse(["--dataset_name", "demo", "--output_dir", "runs/x"]))
 
-This package only needs the standard library and ``transformers.HfArgumentParser`` (imported when parsing), so
-``--help`` does not import the model code, ``datasets`` or ``accelerate`` beyond what ``import nasiam_hf`` does.
+This package only needs the standard library and ``transformers.HfArgumentParser`` (imported when parsing; it does
+not import torch), so ``--help`` imports neither torch nor the model code, ``datasets`` or ``accelerate``. The same
+parser checks the keywords of the one-call API (:func:`.parsing.parse_keywords`, :mod:`nasiam_hf.api`). Its errors
+are one line (:class:`nasiam_hf.errors.UsageError`) naming the closest choice or flag.
 
 Each field's ``metadata["resume"]`` says whether it may change when a run is resumed in the same ``output_dir``:
 ``"fixed"`` (default: part of the run's identity), ``"free"`` (runtime options: workers, logging, Hub, tracking) or

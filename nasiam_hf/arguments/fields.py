@@ -30,6 +30,15 @@ def _positive(name: str, value: float | int | None, minimum: float = 1, strict: 
         raise ValueError(f"--{name} must be {relation}, got {value!r}")
 
 
+def check_learning_rates(learning_rate: float | None, base_learning_rate: float | None) -> None:
+    """Both rates positive, and at most one given: an absolute rate and a base rate would contradict each other."""
+    _positive("learning_rate", learning_rate, 0, strict=True)
+    _positive("base_learning_rate", base_learning_rate, 0, strict=True)
+    if learning_rate is not None and base_learning_rate is not None:
+        raise ValueError(f"pass --learning_rate (the rate itself, {learning_rate:g}) or --base_learning_rate (a rate "
+                         f"per 256 images, {base_learning_rate:g}, scaled by the global batch), not both")
+
+
 def _json_object(name: str, text: str | None) -> dict | None:
     if text is None:
         return None

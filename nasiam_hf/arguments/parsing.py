@@ -19,19 +19,47 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import sys
 from types import MappingProxyType
 from typing import Any
 
+from ..errors import UsageError, did_you_mean
+
 REDACTED = "<redacted>"
 OWN_METADATA = frozenset({"resume"})  # field metadata of nasiam_hf.arguments that is not for argparse
+SEE_HELP = " (see --help)"
+
+
+def invalid_choice(value: Any, choices) -> str:
+    """``invalid choice 'simclrr' (choose from simsiam, simclr, ...); did you mean 'simclr'?``"""
+    return (f"invalid choice {value!r} (choose from {', '.join(str(c) for c in choices)})"
+            f"{did_you_mean(value, choices)}")
+
+
+class OneLineErrors:
+    """argparse errors as one line: a :class:`UsageError` (``error: ...``, exit status 2, through
+    :func:`nasiam_hf.errors.run_entry_point`; a ValueError from Python) instead of the usage and ``SystemExit``;
+    a bad choice names the close ones."""
+
+    def error(self, message: str):
+        message = re.sub(r"(--\w+)/--[\w-]+", r"\1", message)  # --output_dir, not --output_dir/--output-dir
+        raise UsageError(f"{message}{SEE_HELP}")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is not None and value not in action.choices:
+            raise argparse.ArgumentError(action, invalid_choice(value, action.choices))
+
+
+class OneLineArgumentParser(OneLineErrors, argparse.ArgumentParser):
+    """A plain argparse parser with one-line errors (``nasiam-convert``, the ``--config`` pre-parser)."""
 
 
 def build_parser(command_cls) -> argparse.ArgumentParser:
     """The ``HfArgumentParser`` of a command: one argument group per dataclass, plus ``--config``."""
     from transformers import HfArgumentParser
 
-    class Parser(HfArgumentParser):
+    class Parser(OneLineErrors, HfArgumentParser):
         @staticmethod
         def _parse_dataclass_field(parser, field):
             # argparse receives the field's metadata as keyword arguments: hand it only what it knows
@@ -39,8 +67,9 @@ def build_parser(command_cls) -> argparse.ArgumentParser:
             field.metadata = MappingProxyType({k: v for k, v in field.metadata.items() if k not in OWN_METADATA})
             HfArgumentParser._parse_dataclass_field(parser, field)
 
+    # no abbreviations: an unknown or mistyped flag is named (with the close ones), never taken for another
     parser = Parser(list(command_cls.groups().values()), prog=command_cls.name or None,
-                              description=command_cls.description)
+                    description=command_cls.description, allow_abbrev=False)
     parser.add_argument("--config", type=str, default=None, metavar="FILE",
                         help="A YAML or JSON file of flag values (flat 'flag_name: value'; a run's "
                              "training_args.json also works); flags on the command line override it.")
@@ -83,7 +112,8 @@ def _convert(key: str, value: Any, action: argparse.Action, where: str) -> Any:
     if choices is not None:
         for item in converted if isinstance(converted, list) else [converted]:
             if item not in choices:
-                raise ValueError(f"{where}: {key}: {item!r} is not one of {list(choices)}")
+                raise ValueError(f"{where}: {key}: {item!r} is not one of {list(choices)}"
+                                 f"{did_you_mean(item, choices)}")
     return converted
 
 
@@ -118,24 +148,17 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     return {key: _convert(key, value, actions[key], f"--config {path!r}") for key, value in values.items()}
 
 
-def parse_command(command_cls, argv: list[str] | None = None):
-    """Flags (``argv``, default ``sys.argv[1:]``) over an optional ``--config`` file -> the command's bundle."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(command_cls)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=str, default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.config is not None:
-        defaults = read_config_file(known.config, parser)
-        parser.set_defaults(**defaults)
-        for action in parser._actions:  # a value from the file satisfies a required flag
-            if action.dest in defaults and defaults[action.dest] is not None:
-                action.required = False
-    namespace, remaining = parser.parse_known_args(argv)
-    if remaining:
-        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
-    values = vars(namespace)
-    values.pop("config", None)
+def _set_defaults(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """Values from a config file or keywords become the parser's defaults; one given satisfies a required flag."""
+    parser.set_defaults(**defaults)
+    for action in parser._actions:
+        if action.dest in defaults and defaults[action.dest] is not None:
+            action.required = False
+
+
+def _bundle(command_cls, values: dict[str, Any]):
+    """The parsed ``{dest: value}`` as the command's bundle: each dataclass checks its values in ``__post_init__``."""
+    values = {k: v for k, v in values.items() if k != "config"}
     groups = {}
     for attribute, dtype in command_cls.groups().items():
         names = {f.name for f in dataclasses.fields(dtype) if f.init}
@@ -143,4 +166,91 @@ def parse_command(command_cls, argv: list[str] | None = None):
     return command_cls(**groups)
 
 
-__all__ = ["build_parser", "parse_command", "read_config_file"]
+def _unrecognized(parser: argparse.ArgumentParser, remaining: list[str]) -> str:
+    """``unrecognized arguments: ...`` with the close flag names of each unknown flag."""
+    options = [o for o in parser._option_string_actions if o.startswith("--") and "-" not in o[2:]]
+    hints = [f"{token}: {hint}" for token in remaining if token.startswith("--")
+             if (hint := did_you_mean(token.partition("=")[0], options, prefix=""))]
+    return f"unrecognized arguments: {' '.join(remaining)}" + "".join(f"; {hint}" for hint in hints)
+
+
+def parse_command(command_cls, argv: list[str] | None = None):
+    """Flags (``argv``, default ``sys.argv[1:]``) over an optional ``--config`` file -> the command's bundle.
+
+    A bad flag raises :class:`UsageError` with one line (the console scripts print it and exit with status 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command_cls)
+    pre = OneLineArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", type=str, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is not None:
+        _set_defaults(parser, read_config_file(known.config, parser))
+    namespace, remaining = parser.parse_known_args(argv)
+    if remaining:
+        parser.error(_unrecognized(parser, remaining))
+    return _bundle(command_cls, vars(namespace))
+
+
+# what each argparse type takes from Python, and its name in messages
+_KEYWORD_TYPES = {int: ((int,), "an int"), float: ((int, float), "a number"), str: ((str, os.PathLike), "a string")}
+
+
+def _keyword_value(key: str, value: Any, action: argparse.Action, where: str) -> Any:
+    """A Python value for the flag of ``action``, checked for its type and choices as argparse checks a flag."""
+    if value is None:
+        if action.default is None:
+            return None
+        raise UsageError(f"{where}: {key}=None is not allowed; it takes {_expected(action)} (default "
+                         f"{action.default!r})")
+    if getattr(action.type, "__name__", "") == "string_to_bool":
+        if not isinstance(value, bool):
+            raise UsageError(f"{where}: {key}={value!r} is of type {type(value).__name__}; it takes True or False")
+        return value
+    if action.choices is not None:
+        if not isinstance(value, str) or value not in action.choices:
+            raise UsageError(f"{where}: {key}: {invalid_choice(value, action.choices)}")
+        return value
+    accepted, _ = _KEYWORD_TYPES.get(action.type, ((object,), ""))
+    if _takes_json(action) and isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        raise UsageError(f"{where}: {key}={value!r} is of type {type(value).__name__}; it takes {_expected(action)}")
+    if action.type is str:
+        return os.fspath(value)
+    return action.type(value) if action.type in (int, float) else value
+
+
+def _takes_json(action: argparse.Action) -> bool:
+    """A string flag holding a JSON object (``--backbone_kwargs``): from Python, a dict is welcome too."""
+    return action.type is str and "JSON object" in (action.help or "")
+
+
+def _expected(action: argparse.Action) -> str:
+    if getattr(action.type, "__name__", "") == "string_to_bool":
+        return "True or False"
+    if action.choices is not None:
+        return "one of " + ", ".join(repr(c) for c in action.choices)
+    return _KEYWORD_TYPES.get(action.type, ((), "a value"))[1] + (" or a dict" if _takes_json(action) else "")
+
+
+def parse_keywords(command_cls, keywords: dict[str, Any], where: str):
+    """The command's bundle from Python keywords named like its flags (``output_dir="runs/x"``), checked by the same
+    parser and dataclasses as the command line: an unknown keyword is named with the close ones, a value of the
+    wrong type names the type the flag takes, a bad choice the allowed ones; the cross-flag checks follow."""
+    parser = build_parser(command_cls)
+    actions = _actions(parser)
+    unknown = sorted(k for k in keywords if k not in actions)
+    if unknown:
+        hints = [f"{k!r} ({hint[2:]})" if (hint := did_you_mean(k, actions)) else repr(k) for k in unknown]
+        raise UsageError(f"{where}: unknown keyword{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; the "
+                         f"keywords are the flags of `{command_cls.name} --help`")
+    values = {key: _keyword_value(key, value, actions[key], where) for key, value in keywords.items()}
+    missing = [a.dest for a in parser._actions if a.required and values.get(a.dest) is None]
+    if missing:
+        raise UsageError(f"{where}: missing keyword {', '.join(f'{name}=...' for name in missing)}")
+    _set_defaults(parser, values)
+    return _bundle(command_cls, vars(parser.parse_args([])))
+
+
+__all__ = ["OneLineArgumentParser", "build_parser", "invalid_choice", "parse_command", "parse_keywords",
+           "read_config_file"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from .fields import FEATURE_NORMS, OPTIMIZER_CHOICES, RECIPE_CHOICES, _positive, flag, parse_every
+from .fields import FEATURE_NORMS, OPTIMIZER_CHOICES, RECIPE_CHOICES, _positive, check_learning_rates, flag, \
+    parse_every
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,11 @@ class OptimizationArguments:
         None, "Stop after this many optimizer updates (overrides --num_train_epochs; needed for streams of unknown "
               "length).", resume="extend")
     learning_rate: float | None = flag(
-        None, "Base learning rate for a global batch of 256; the effective rate scales linearly (default: recipe).")
+        None, "Learning rate of the weights, used as given (default: --base_learning_rate scaled by the global "
+              "batch).")
+    base_learning_rate: float | None = flag(
+        None, "Learning rate per 256 images: the run uses base x global batch / 256 (default: the recipe's). Give "
+              "this or --learning_rate, not both.")
     weight_decay: float | None = flag(None, "Weight decay (default: recipe).")
     num_warmup_epochs: float | None = flag(
         None, "Linear warm-up before the cosine schedule, in epochs (default: recipe).")
@@ -43,7 +48,7 @@ class OptimizationArguments:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "num_train_epochs", "max_train_steps"):
             _positive(name, getattr(self, name))
-        _positive("learning_rate", self.learning_rate, 0, strict=True)
+        check_learning_rates(self.learning_rate, self.base_learning_rate)
         _positive("weight_decay", self.weight_decay, 0)
         _positive("num_warmup_epochs", self.num_warmup_epochs, 0)
         _positive("max_grad_norm", self.max_grad_norm, 0, strict=True)
@@ -51,11 +56,15 @@ class OptimizationArguments:
 
 @dataclass(frozen=True)
 class FinetuneOptimizationArguments(OptimizationArguments):
-    """Fine-tuning: SGD, momentum 0.9, cosine; lr per 256 images."""
+    """Fine-tuning: SGD, momentum 0.9, cosine; by default 0.05 per 256 images of the global batch."""
+
+    default_base_learning_rate: ClassVar[float] = 0.05
 
     per_device_train_batch_size: int | None = flag(128, "Training batch per device.")
     num_train_epochs: int | None = flag(30, "Epochs.", resume="extend")
-    learning_rate: float | None = flag(0.05, "Base learning rate for a global batch of 256 (scaled linearly).")
+    base_learning_rate: float | None = flag(
+        None, f"Learning rate per 256 images: the run uses base x global batch / 256 (default: "
+              f"{default_base_learning_rate}). Give this or --learning_rate, not both.")
     weight_decay: float | None = flag(5e-4, "Weight decay.")
     classifier_lr_multiplier: float = flag(10.0, "The new classifier's learning rate is this many times the "
                                                  "backbone's.")
@@ -76,8 +85,11 @@ class ProbeArguments:
         None, "Probe batch per device (default: recipe, 256; a smaller labelled set is used whole).")
     per_device_eval_batch_size: int = flag(256, "Batch per device for feature extraction.")
     learning_rate: float | None = flag(
-        None, "Probe lr (default: the recipe's 0.03 x global batch / 256 on batch-normalised features; 30 with "
-              "--feature_norm none).")
+        None, "Probe learning rate, used as given (default: --base_learning_rate scaled by the global batch).")
+    base_learning_rate: float | None = flag(
+        None, "Probe learning rate per 256 images: the probe uses base x global batch / 256 (default: the recipe's "
+              "0.03 on batch-normalised features; 30, the official probes' rate, with --feature_norm none). Give "
+              "this or --learning_rate, not both.")
     recipe: RECIPE_CHOICES | None = flag(
         None, "Probe recipe (see docs/recipes.md); default: from the data's policy (cifar or imagenet).")
     weight_decay: float | None = flag(None, "Probe weight decay (default: recipe, 0).")
@@ -88,7 +100,7 @@ class ProbeArguments:
     def __post_init__(self):
         for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size"):
             _positive(name, getattr(self, name))
-        _positive("learning_rate", self.learning_rate, 0, strict=True)
+        check_learning_rates(self.learning_rate, self.base_learning_rate)
         _positive("weight_decay", self.weight_decay, 0)
 
 
@@ -102,6 +114,15 @@ class PrecisionArguments:
         None, "bf16/fp16 autocast through Accelerate (default: the accelerate config, or 'no').")
     channels_last: bool = flag(False, "channels_last memory format for the backbone and its input batches.",
                                resume="free")
+
+    def check_device(self, device_type: str, used: str) -> None:
+        """Refuse a precision the device would silently ignore: Accelerate on a CPU runs fp16 as fp32 while the
+        run records fp16. ``used`` is what the Accelerator took (this flag, else the accelerate config)."""
+        if device_type == "cpu" and used == "fp16":
+            given = ("--mixed_precision fp16" if self.mixed_precision == "fp16"
+                     else "mixed_precision fp16 (from the accelerate config)")
+            raise ValueError(f"{given} is not supported on a CPU, where it would train in fp32: bf16 is the CPU's "
+                             "half precision; pass --mixed_precision bf16 (or no)")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ a training checkpoint into a model folder.
     nasiam-convert checkpoint runs/pretrain/checkpoints/step-00001200 runs/pretrain-step1200
 
 Every subcommand checks its inputs first and ends a failure with one ``error: ...`` line (exit status 2 for bad
-input); ``--debug`` (or ``NASIAM_DEBUG=1``) shows the traceback.
+input, a mistyped subcommand or flag included); ``--debug`` (or ``NASIAM_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ import argparse
 import pickle
 from pathlib import Path
 
+from ..arguments.parsing import OneLineArgumentParser
 from ..errors import UsageError, run_entry_point
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="Show the traceback of an error.")
-    parser = argparse.ArgumentParser(description="Convert NASiam models to and from other formats.", parents=[common])
+    parser = OneLineArgumentParser(prog="nasiam-convert", description="Convert NASiam models to and from other "
+                                   "formats.", parents=[common], allow_abbrev=False)
     sub = parser.add_subparsers(dest="target", required=True)
     tv = sub.add_parser("torchvision", parents=[common],
                         help="Backbone -> torchvision ResNet state dict (safetensors, no fc).")
