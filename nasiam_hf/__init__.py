@@ -6,9 +6,9 @@ parser alone. The NASiam classes are still registered with transformers' Auto cl
 loads its Auto machinery (:mod:`nasiam_hf.auto_registration`), so ``import nasiam_hf`` followed by
 ``AutoModel.from_pretrained(folder)`` works in either import order.
 
-``nasiam_hf.search``, ``pretrain``, ``linear_eval`` and ``finetune`` are the one-call API (:mod:`nasiam_hf.api`),
-although modules of the same names hold the engines: those stay importable by their full name
-(``from nasiam_hf.search import alpha_step``) and never replace the functions on the package.
+``nasiam_hf.search``, ``pretrain``, ``linear_eval``, ``finetune`` and ``embed`` are the one-call API
+(:mod:`nasiam_hf.api`), although modules of the same names hold the engines: those stay importable by their full
+name (``from nasiam_hf.search import alpha_step``) and never replace the functions on the package.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from . import auto_registration
 __version__ = "0.1.0"
 
 _EXPORTS = {  # module -> the names it provides here
-    "api": ("RunResult", "search", "pretrain", "linear_eval", "finetune"),
+    "api": ("RunResult", "search", "pretrain", "linear_eval", "finetune", "embed"),
     "arguments": ("FinetuneCommand", "LinearEvalCommand", "PretrainCommand", "SearchCommand"),
     "backbones": ("backbone_config_values",),
     "configuration_nasiam": ("FRAMEWORKS", "NASiamConfig", "NASiamConfigError"),
@@ -35,6 +35,7 @@ _EXPORTS = {  # module -> the names it provides here
     "pretrain": ("run_pretrain",),
     "linear_eval": ("run_linear_eval",),
     "finetune": ("run_finetune",),
+    "embed": ("run_embed",),
 }
 _SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
 _ONE_CALL = frozenset(_EXPORTS["api"]) - {"RunResult"}  # names shared by a function and an engine module
@@ -68,7 +69,8 @@ sys.modules[__name__].__class__ = _Package
 auto_registration.install()
 
 if TYPE_CHECKING:  # what static tools and IDEs see
-    from .api import RunResult, finetune, linear_eval, pretrain, search  # noqa: F401
+    from .api import RunResult, embed, finetune, linear_eval, pretrain, search  # noqa: F401
+    from .embed import run_embed  # noqa: F401
     from .arguments import FinetuneCommand, LinearEvalCommand, PretrainCommand, SearchCommand  # noqa: F401
     from .backbones import backbone_config_values  # noqa: F401
     from .configuration_nasiam import FRAMEWORKS, NASiamConfig, NASiamConfigError  # noqa: F401

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import FinetuneCommand, LinearEvalCommand, PretrainCommand, SearchCommand
+from .arguments.embed import EmbedCommand
 from .arguments.parsing import parse_keywords
 
 
@@ -103,4 +104,16 @@ def finetune(**flags: Any) -> RunResult:
     return RunResult(output_dir, model, metrics)
 
 
-__all__ = ["RunResult", "finetune", "linear_eval", "pretrain", "search"]
+def embed(**flags: Any) -> RunResult:
+    """``nasiam-embed`` with ``flags`` as keywords (``model_name_or_path``, ``output_dir`` and a data source are
+    required). No model is returned; ``output_dir`` holds the parquet shards (``datasets.load_dataset("parquet",
+    data_files=...)``) and the metrics are ``embed_info.json``'s totals (rows, dimension, bad images, images/s)."""
+    from .embed import INFO_FILE, run_embed
+
+    command = parse_keywords(EmbedCommand, flags, "nasiam_hf.embed()")
+    output_dir = Path(run_embed(command))
+    metrics = {k: v for k, v in _read(output_dir / INFO_FILE).items() if k != "identity"}
+    return RunResult(output_dir, None, metrics)
+
+
+__all__ = ["RunResult", "embed", "finetune", "linear_eval", "pretrain", "search"]

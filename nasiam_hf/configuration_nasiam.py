@@ -32,12 +32,14 @@ from .backbone_specs import (
 )
 from .fileio import publish_problem
 from .heads import HeadSpec
+from . import objectives
 from .objectives import FRAMEWORKS
 from .presets import PRESETS
 from .search_space import resolve_search_space, validate_genotype
 
 # Per-framework defaults (paper and official code). ``projector_output`` is the fixed layer after the searched cell:
-# SimSiam's Linear + BN(affine=False), a plain Linear, or none (SimCLR: the cell's last layer is the output).
+# SimSiam's Linear + BN(affine=False), a plain Linear, a Linear without bias (Barlow Twins, VICReg: their embeddings
+# are standardised or centred, which cancels a bias), or none (SimCLR: the cell's last layer is the output).
 FRAMEWORK_DEFAULTS: dict[str, dict] = {
     "simsiam": dict(projector_layers=6, predictor_layers=4, projection_dim=2048, predictor_hidden_size=512,
                     projector_output="linear_bn"),
@@ -47,6 +49,23 @@ FRAMEWORK_DEFAULTS: dict[str, dict] = {
                    projector_output=None, temperature=0.5),
     "mocov2": dict(projector_layers=4, predictor_layers=0, projection_dim=128, projector_output="linear",
                    temperature=0.1, queue_size=4096, momentum=0.99),
+    # Barlow Twins and VICReg: the searched cell runs at the projector's hidden width (its first layer widens from
+    # the backbone's), then a fixed Linear to the embedding; their standard 3-layer projector is 2 linear_relu layers
+    # + that Linear. Widths: 2048 (the CIFAR recipes'; ImageNet's are 8192, set by the imagenet recipe).
+    "barlowtwins": dict(projector_layers=4, predictor_layers=0, projection_dim=2048, projector_hidden_size=2048,
+                        projector_output="linear_no_bias", off_diagonal_weight=objectives.OFF_DIAGONAL_WEIGHT,
+                        correlation_scale=objectives.CORRELATION_SCALE),
+    "vicreg": dict(projector_layers=4, predictor_layers=0, projection_dim=2048, projector_hidden_size=2048,
+                   projector_output="linear_no_bias", invariance_weight=objectives.INVARIANCE_WEIGHT,
+                   variance_weight=objectives.VARIANCE_WEIGHT, covariance_weight=objectives.COVARIANCE_WEIGHT,
+                   variance_target=objectives.VARIANCE_TARGET, variance_eps=objectives.VARIANCE_EPS),
+}
+# The constants of each framework's loss: config field -> keyword of its loss function in nasiam_hf.objectives.
+LOSS_CONSTANTS: dict[str, dict[str, str]] = {
+    "barlowtwins": {"off_diagonal_weight": "off_diagonal_weight", "correlation_scale": "scale"},
+    "vicreg": {"invariance_weight": "invariance_weight", "variance_weight": "variance_weight",
+               "covariance_weight": "covariance_weight", "variance_target": "variance_target",
+               "variance_eps": "eps"},
 }
 # Values derived from the backbone and written to config.json for its readers; recomputed on load.
 DERIVED_KEYS = ("stage_names", "backbone_requires")
@@ -132,19 +151,26 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
             only (default True there).
         zero_init_residual: start the last BatchNorm of every residual block at zero (torchvision ResNets; timm's
             ResNets do it themselves), as torchvision's ``zero_init_residual=True`` and the SimSiam reference do.
-        framework: ``"simsiam"``, ``"simclr"``, ``"mocov2"`` or ``"byol"``.
+        framework: ``"simsiam"``, ``"simclr"``, ``"mocov2"``, ``"byol"``, ``"barlowtwins"`` or ``"vicreg"``.
         projector_genotype / predictor_genotype: one op name per layer (``None``: every layer ``linear_relu``).
-            SimCLR and MoCo v2 have no predictor.
-        projector_layers / predictor_layers: layer counts (default 6/4; MoCo v2 projector 4; 0 predictor layers for
-            SimCLR and MoCo v2). A genotype must have exactly this many ops.
-        projector_hidden_size: width of the projector's layers (default: backbone width; SimCLR 512).
+            SimCLR, MoCo v2, Barlow Twins and VICReg have no predictor.
+        projector_layers / predictor_layers: layer counts (default 6/4; MoCo v2, Barlow Twins and VICReg projector 4;
+            0 predictor layers for the frameworks without one). A genotype must have exactly this many ops.
+        projector_hidden_size: width of the projector's layers (default: backbone width; SimCLR 512; Barlow Twins
+            and VICReg 2048).
         predictor_hidden_size: width of the predictor's inner layers (default 512).
-        projection_dim: output width of the projector (SimSiam 2048, BYOL 256, SimCLR and MoCo v2 128).
+        projection_dim: output width of the projector (SimSiam 2048, BYOL 256, SimCLR and MoCo v2 128, Barlow Twins
+            and VICReg 2048).
         search_space: the ops searched over (``"S"``, ``"S_no_pool"``, or e.g. ``"S,linear_mish"``).
         temperature: SimCLR / MoCo v2 softmax temperature. queue_size: MoCo v2 queue length.
         momentum: MoCo v2 key-encoder momentum, BYOL's base EMA momentum (it rises to 1 along a cosine).
         key_bn_splits: MoCo v2: the key batch is shuffled and cut into this many BatchNorm groups (Shuffle-BN /
             SplitBatchNorm, :func:`nasiam_hf.objectives.shuffled_key_encode`); None: one group, as the query's.
+        off_diagonal_weight: Barlow Twins' lambda, the weight of the off-diagonal cross-correlations (5e-3).
+        correlation_scale: a constant factor on the Barlow Twins loss (1; solo-learn's CIFAR recipe 0.1).
+        invariance_weight / variance_weight / covariance_weight: VICReg's coefficients (25 / 25 / 1).
+        variance_target / variance_eps: VICReg's hinge on each feature's standard deviation (1) and the eps under
+            its square root (1e-4).
         image_size: the training resolution, used by the image processor and the card.
     """
 
@@ -176,6 +202,13 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
     queue_size: int | None = None
     momentum: float | int | None = None
     key_bn_splits: int | None = None
+    off_diagonal_weight: float | int | None = None
+    correlation_scale: float | int | None = None
+    invariance_weight: float | int | None = None
+    variance_weight: float | int | None = None
+    covariance_weight: float | int | None = None
+    variance_target: float | int | None = None
+    variance_eps: float | int | None = None
 
     def __post_init__(self, **kwargs):
         for key in DERIVED_KEYS:
@@ -198,7 +231,7 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
                 setattr(self, key, list(getattr(self, key)))
         defaults = FRAMEWORK_DEFAULTS[self.framework]
         for key in ("projector_layers", "predictor_layers", "projection_dim", "predictor_hidden_size",
-                    "temperature", "queue_size", "momentum"):
+                    "temperature", "queue_size", "momentum", *LOSS_CONSTANTS.get(self.framework, {})):
             if getattr(self, key) is None and defaults.get(key) is not None:
                 setattr(self, key, defaults[key])
         if self.projector_hidden_size is None:
@@ -265,6 +298,17 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
             if self.framework != "mocov2":
                 raise ValueError(f"key_bn_splits applies to mocov2 only, not to framework {self.framework!r}")
             _positive_int(self, "key_bn_splits")
+        for framework, keys in LOSS_CONSTANTS.items():
+            for key in keys:
+                value = getattr(self, key)
+                if value is None:
+                    continue
+                if self.framework != framework:
+                    raise ValueError(f"{key} applies to {framework} only, not to framework {self.framework!r}")
+                strict = key in ("correlation_scale", "variance_target", "variance_eps")
+                if isinstance(value, bool) or not math.isfinite(value) or (value <= 0 if strict else value < 0):
+                    raise ValueError(f"{key} must be a {'positive' if strict else 'non-negative'} finite number, "
+                                     f"got {value!r}")
 
     # -- loading --------------------------------------------------------------------------------------------------
     @classmethod
@@ -316,6 +360,11 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
     def has_momentum_encoder(self) -> bool:
         return self.framework in ("mocov2", "byol")
 
+    def loss_constants(self) -> dict[str, float]:
+        """The keyword arguments of this framework's loss in :mod:`nasiam_hf.objectives` (Barlow Twins, VICReg; empty
+        for the others, whose constants are the temperature, queue and momentum)."""
+        return {argument: getattr(self, key) for key, argument in LOSS_CONSTANTS.get(self.framework, {}).items()}
+
     @property
     def hidden_size(self) -> int:
         """Width of the pooled backbone features (the ``pooler_output``)."""
@@ -350,4 +399,4 @@ class NASiamConfig(BackboneConfigMixin, PreTrainedConfig):
         return 1.0 / math.sqrt(self.projection_dim)
 
 
-__all__ = ["NASiamConfig", "NASiamConfigError", "FRAMEWORKS", "FRAMEWORK_DEFAULTS"]
+__all__ = ["NASiamConfig", "NASiamConfigError", "FRAMEWORKS", "FRAMEWORK_DEFAULTS", "LOSS_CONSTANTS"]

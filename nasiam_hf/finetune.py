@@ -32,7 +32,7 @@ from .evaluation import binomial_stderr, describe_accuracy, few_queries_warning,
 from .fileio import atomic_write_json, read_json, staged_files
 from .folders import require_model
 from .processing import image_processor_for_splits
-from .optimization import build_cosine_schedule, build_optimizer
+from .optimization import build_cosine_schedule, build_weight_optimizer
 from .loop import StepLoop
 from .run_lock import releases_output_dir
 from .trainer import mean_over_ranks, prepare_model_layout, start_run, start_tracking
@@ -54,9 +54,11 @@ def load_classifier(model_name_or_path: str, num_labels: int, id2label: dict[int
 
 
 def build_finetune_optimizer(model, lr: float, weight_decay: float, classifier_lr_multiplier: float,
-                             momentum: float = 0.9, implementation: str = "auto") -> torch.optim.SGD:
-    """SGD over the trainable parameters: the backbone at ``lr`` (group 0, absent when frozen), the classifier at
-    ``lr * classifier_lr_multiplier`` (last group)."""
+                             momentum: float = 0.9, implementation: str = "auto", optimizer: str = "sgd",
+                             trust_coefficient: float | None = None, trust_clip: bool | None = None
+                             ) -> torch.optim.Optimizer:
+    """SGD (or LARS, :func:`~.optimization.build_weight_optimizer`) over the trainable parameters: the backbone at
+    ``lr`` (absent when frozen), the classifier at ``lr * classifier_lr_multiplier``."""
     classifier = [p for p in model.classifier.parameters() if p.requires_grad]
     classifier_ids = {id(p) for p in classifier}
     backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in classifier_ids]
@@ -64,8 +66,8 @@ def build_finetune_optimizer(model, lr: float, weight_decay: float, classifier_l
     if backbone:
         groups.append({"params": backbone, "lr": lr})
     groups.append({"params": classifier, "lr": lr * classifier_lr_multiplier})
-    return build_optimizer(torch.optim.SGD, groups, implementation, lr=lr, momentum=momentum,
-                           weight_decay=weight_decay)
+    return build_weight_optimizer(optimizer, groups, lr, weight_decay, momentum, implementation,
+                                  trust_coefficient=trust_coefficient, trust_clip=trust_clip)[0]
 
 
 @torch.no_grad()
@@ -177,7 +179,8 @@ def run_finetune(command: FinetuneCommand) -> Path:
         accelerator.print("no evaluation split found: accuracy is not measured (pass --validation_file/_dir)")
 
     optimizer = build_finetune_optimizer(model, opt.lr, opt.weight_decay, plan.classifier_lr_multiplier,
-                                         implementation=speed.optimizer_implementation)
+                                         implementation=speed.optimizer_implementation, optimizer=opt.optimizer,
+                                         trust_coefficient=opt.trust_coefficient, trust_clip=opt.trust_clip)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     eval_size = len(splits.eval) if splits.eval is not None else 0
     accelerator.print(

@@ -17,6 +17,9 @@ from torch.nn import functional as F
 from .search_space import OPS, build_op, check_op_name
 
 
+HEAD_OUTPUTS = (None, "linear", "linear_bn", "linear_no_bias")
+
+
 @dataclass(frozen=True)
 class HeadSpec:
     """Shape of one head.
@@ -24,7 +27,9 @@ class HeadSpec:
     ``widths`` has one entry more than there are searched layers (layer ``i`` maps ``widths[i] -> widths[i+1]``).
     ``output_last`` marks the last searched layer as the head's output layer (no BN, no activation).
     ``output`` optionally appends a fixed, unsearched output layer: ``"linear_bn"`` is SimSiam's
-    ``Linear(bias=False) + BatchNorm1d(affine=False)``, ``"linear"`` a plain ``Linear`` with bias.
+    ``Linear(bias=False) + BatchNorm1d(affine=False)``, ``"linear"`` a plain ``Linear`` with bias, ``"linear_no_bias"``
+    one without (Barlow Twins and VICReg, whose losses standardise or centre the embeddings: a bias would get no
+    gradient).
     """
 
     widths: tuple[int, ...]
@@ -35,8 +40,8 @@ class HeadSpec:
     def __post_init__(self):
         if len(self.widths) < 2:
             raise ValueError(f"a head needs at least one layer, got widths {self.widths}")
-        if self.output not in (None, "linear", "linear_bn"):
-            raise ValueError(f"head output must be None, 'linear' or 'linear_bn', got {self.output!r}")
+        if self.output not in HEAD_OUTPUTS:
+            raise ValueError(f"head output must be one of {HEAD_OUTPUTS}, got {self.output!r}")
         if (self.output is None) != (self.output_dim is None):
             raise ValueError("head output and output_dim must be given together")
 
@@ -59,8 +64,8 @@ def build_output_layer(spec: HeadSpec) -> nn.Module | None:
         return nn.Sequential(
             nn.Linear(spec.widths[-1], spec.output_dim, bias=False), nn.BatchNorm1d(spec.output_dim, affine=False)
         )
-    if spec.output == "linear":
-        return nn.Linear(spec.widths[-1], spec.output_dim)
+    if spec.output in ("linear", "linear_no_bias"):
+        return nn.Linear(spec.widths[-1], spec.output_dim, bias=spec.output == "linear")
     return None
 
 

@@ -35,6 +35,7 @@ from .objectives import (
     mocov2_loss,
     nt_xent_loss,
     shuffled_key_encode,
+    siamese_loss,
     simsiam_loss,
 )
 
@@ -280,10 +281,12 @@ class NASiamForPreTraining(NASiamPreTrainedModel):
             loss = byol_loss(self.nasiam.predict(z1), self.nasiam.predict(z2), t1, t2)
         elif cfg.framework == "simclr":
             loss = nt_xent_loss(z1, z2, cfg.temperature)
-        else:  # mocov2
+        elif cfg.framework == "mocov2":
             k1, k2 = self._momentum_encode(pixel_values), self._momentum_encode(pixel_values_2)
             loss = mocov2_loss(z1, z2, k1, k2, self.queue.keys, cfg.temperature)
             keys = torch.cat([k1, k2])
+        else:  # barlowtwins, vicreg: the projections of both views, no predictor, no momentum encoder
+            loss = siamese_loss(cfg.framework, z1, z2, **cfg.loss_constants())
         std = collapse_std(z1)
         if not return_dict:
             return tuple(v for v in (loss, std, keys) if v is not None)

@@ -1,4 +1,5 @@
-"""The four siamese objectives and their state (MoCo queue, momentum updates), correct under several processes.
+"""The siamese objectives (SimSiam, SimCLR, MoCo v2, BYOL, and the redundancy-reduction pair Barlow Twins and VICReg)
+and their state (MoCo queue, momentum updates), correct under several processes.
 
 Losses run in float32 (float64 for float64 inputs) whatever the autocast dtype. Anything that changes state (EMA
 updates, queue writes) is an explicit call, made by the trainer after a weight step and never during an
@@ -15,7 +16,14 @@ from torch import distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-FRAMEWORKS = ("simsiam", "simclr", "mocov2", "byol")
+FRAMEWORKS = ("simsiam", "simclr", "mocov2", "byol", "barlowtwins", "vicreg")
+
+# The redundancy-reduction objectives' constants (Barlow Twins: Zbontar et al. 2021; VICReg: Bardes et al. 2022).
+OFF_DIAGONAL_WEIGHT = 5e-3  # Barlow Twins' lambda (the paper; the authors' code passes 0.0051)
+CORRELATION_SCALE = 1.0  # a constant factor on the Barlow Twins loss (solo-learn's scale_loss)
+STANDARDISE_EPS = 1e-5  # BatchNorm1d's eps: the reference standardises with a non-affine BatchNorm
+INVARIANCE_WEIGHT, VARIANCE_WEIGHT, COVARIANCE_WEIGHT = 25.0, 25.0, 1.0
+VARIANCE_TARGET, VARIANCE_EPS = 1.0, 1e-4  # VICReg's hinge on the standard deviation, and its eps
 
 
 def _world() -> tuple[int, int]:
@@ -124,14 +132,73 @@ def mocov2_loss(q1, q2, k1, k2, queue: torch.Tensor, temperature: float) -> torc
     return info_nce_loss(q1, k2, queue, temperature) + info_nce_loss(q2, k1, queue, temperature)
 
 
+def standardise(z: torch.Tensor, eps: float = STANDARDISE_EPS) -> torch.Tensor:
+    """Every feature centred and scaled over the batch (biased variance, ``eps`` inside the root): what a non-affine
+    ``BatchNorm1d`` computes in training mode, without its running statistics."""
+    centred = z - z.mean(dim=0)
+    return centred / torch.sqrt(centred.pow(2).mean(dim=0) + eps)
+
+
+def _off_diagonal(square: torch.Tensor) -> torch.Tensor:
+    """The matrix with its diagonal set to zero (so sums over it run over the off-diagonal entries only)."""
+    eye = torch.eye(square.shape[0], dtype=torch.bool, device=square.device)
+    return square.masked_fill(eye, 0.0)
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, off_diagonal_weight: float = OFF_DIAGONAL_WEIGHT,
+                      scale: float = CORRELATION_SCALE) -> torch.Tensor:
+    """Barlow Twins: ``scale * (sum_i (1 - C_ii)^2 + off_diagonal_weight * sum_{i != j} C_ij^2)``, where ``C`` is the
+    (D, D) cross-correlation of the two views' embeddings, each standardised over the batch.
+
+    The batch is the global one: the embeddings of every rank are gathered with their gradient and every rank
+    computes the same ``C`` and loss. The gather's backward sums each rank's share of the gradient over the ranks and
+    DDP averages it, so W processes take the step of one process on the W-times larger batch (the authors' code
+    all-reduces ``C`` outside autograd instead, which leaves the gradient 1/W of that).
+    """
+    a, b = standardise(gather_with_grad(full(z1))), standardise(gather_with_grad(full(z2)))
+    correlation = a.T @ b / a.shape[0]
+    on_diagonal = (1.0 - torch.diagonal(correlation)).pow(2).sum()
+    off_diagonal = _off_diagonal(correlation).pow(2).sum()
+    return scale * (on_diagonal + off_diagonal_weight * off_diagonal)
+
+
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, invariance_weight: float = INVARIANCE_WEIGHT,
+                variance_weight: float = VARIANCE_WEIGHT, covariance_weight: float = COVARIANCE_WEIGHT,
+                variance_target: float = VARIANCE_TARGET, eps: float = VARIANCE_EPS) -> torch.Tensor:
+    """VICReg: ``invariance_weight * I + variance_weight * V + covariance_weight * C``.
+
+    * ``I``: the mean squared difference between the two views' embeddings (over this rank's images and features).
+    * ``V``: per view, the mean over features of ``relu(variance_target - sqrt(var + eps))`` (unbiased variance over
+      the batch), averaged over the two views.
+    * ``C``: per view, the squared off-diagonal entries of the embeddings' covariance matrix (unbiased), summed and
+      divided by the dimension, summed over the two views.
+
+    ``V`` and ``C`` use the global batch: the embeddings are gathered with their gradient, as for
+    :func:`barlow_twins_loss`. ``I`` is a mean over this rank's images, whose average over the ranks (DDP's) is the
+    global mean.
+    """
+    z1, z2 = full(z1), full(z2)
+    invariance = F.mse_loss(z1, z2)
+    variance, covariance = z1.new_zeros(()), z1.new_zeros(())
+    for z in (gather_with_grad(z1), gather_with_grad(z2)):
+        centred = z - z.mean(dim=0)
+        std = torch.sqrt(centred.pow(2).sum(dim=0) / (z.shape[0] - 1) + eps)
+        variance = variance + F.relu(variance_target - std).mean() / 2
+        cov = centred.T @ centred / (z.shape[0] - 1)
+        covariance = covariance + _off_diagonal(cov).pow(2).sum() / z.shape[1]
+    return invariance_weight * invariance + variance_weight * variance + covariance_weight * covariance
+
+
 def siamese_loss(framework: str, z1: torch.Tensor, z2: torch.Tensor, *, p1: torch.Tensor | None = None,
                  p2: torch.Tensor | None = None, t1: torch.Tensor | None = None, t2: torch.Tensor | None = None,
-                 queue: torch.Tensor | None = None, temperature: float | None = None) -> torch.Tensor:
+                 queue: torch.Tensor | None = None, temperature: float | None = None,
+                 **constants: float) -> torch.Tensor:
     """The loss of ``framework`` from projections ``z``, predictions ``p`` and momentum outputs ``t`` of both views.
 
     One dispatch for every caller (the model's forward, the head-only losses of the search diagnostics):
     SimSiam needs p and z, BYOL p and t, SimCLR z and the temperature, MoCo v2 z, t (the keys), queue and
-    temperature.
+    temperature, Barlow Twins and VICReg z and their ``constants`` (the keyword arguments of
+    :func:`barlow_twins_loss` / :func:`vicreg_loss`; ``NASiamConfig.loss_constants()`` gives them).
     """
     if framework == "simsiam":
         return simsiam_loss(p1, p2, z1, z2)
@@ -141,6 +208,10 @@ def siamese_loss(framework: str, z1: torch.Tensor, z2: torch.Tensor, *, p1: torc
         return nt_xent_loss(z1, z2, temperature)
     if framework == "mocov2":
         return mocov2_loss(z1, z2, t1, t2, queue, temperature)
+    if framework == "barlowtwins":
+        return barlow_twins_loss(z1, z2, **constants)
+    if framework == "vicreg":
+        return vicreg_loss(z1, z2, **constants)
     raise ValueError(f"unknown framework {framework!r}; allowed frameworks: {list(FRAMEWORKS)}")
 
 

@@ -17,6 +17,9 @@ import torch
 from accelerate import Accelerator
 
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
+WEIGHT_OPTIMIZERS = ("sgd", "lars")
+TIMM_INSTALL = 'pip install "nasiam-hf[timm]"'
+LARS_TRUST_COEFFICIENT = 0.001  # the LARS paper's eta, timm's and the Barlow Twins / VICReg references' default
 
 
 def fused_optimizer_supported(device_type: str) -> bool:
@@ -71,9 +74,70 @@ def predictor_param_groups(params: Sequence[torch.nn.Parameter], predictor: torc
 
 def build_sgd(params, lr: float, weight_decay: float, momentum: float = 0.9, implementation: str = "auto"
               ) -> torch.optim.SGD:
-    """SGD with momentum, the weight optimiser of every recipe; kernels as in :func:`build_optimizer`."""
+    """SGD with momentum, the weight optimiser of most recipes; kernels as in :func:`build_optimizer`."""
     return build_optimizer(torch.optim.SGD, params, implementation, lr=lr, momentum=momentum,
                            weight_decay=weight_decay)
+
+
+def lars_class(why: str = "--optimizer lars") -> type[torch.optim.Optimizer]:
+    """``timm.optim.Lars`` (timm is an extra, imported here only); a one-line error naming the install when absent
+    (``why`` says what asked for LARS)."""
+    try:
+        from timm.optim import Lars
+    except ImportError as error:
+        raise ValueError(f"{why} uses timm's Lars and timm is not installed ({error}): {TIMM_INSTALL}") from None
+    return Lars
+
+
+def is_excluded_from_lars(parameter: torch.Tensor) -> bool:
+    """Biases and norm parameters (every parameter of one dimension): no LARS adaptation, no weight decay."""
+    return parameter.ndim <= 1
+
+
+def lars_param_groups(groups: Sequence[dict], weight_decay: float, fixed_groups: tuple[int, ...] = ()
+                      ) -> tuple[list[dict], tuple[int, ...]]:
+    """``groups`` (dicts with ``params`` and any per-group options) split for ``timm.optim.Lars``: the weights of
+    each group keep ``weight_decay`` and are always adapted (``always_adapt``), its biases and norm parameters go to a
+    copy of the group with weight decay 0 and no adaptation, which timm's Lars steps as plain SGD with momentum (it
+    adapts only where ``weight_decay != 0 or always_adapt``). Returns the groups and the new indices of
+    ``fixed_groups``."""
+    split, fixed = [], []
+    for index, group in enumerate(groups):
+        params = list(group["params"])
+        for adapted in (True, False):
+            chosen = [p for p in params if is_excluded_from_lars(p) is not adapted]
+            if not chosen:
+                continue
+            if index in fixed_groups:
+                fixed.append(len(split))
+            split.append({**group, "params": chosen, "weight_decay": weight_decay if adapted else 0.0,
+                          "always_adapt": adapted})
+    return split, tuple(fixed)
+
+
+def build_weight_optimizer(name: str, groups: Sequence[dict], lr: float, weight_decay: float, momentum: float = 0.9,
+                           implementation: str = "auto", fixed_groups: tuple[int, ...] = (),
+                           trust_coefficient: float | None = None, trust_clip: bool | None = None
+                           ) -> tuple[torch.optim.Optimizer, tuple[int, ...]]:
+    """The weight optimiser ``name`` ("sgd" or "lars") over ``groups``; returns it and the indices of the groups
+    whose lr stays fixed (``fixed_groups`` renumbered after LARS' split, see :func:`lars_param_groups`).
+
+    LARS is ``timm.optim.Lars`` (``trust_coefficient`` its ``trust_coeff``, default 0.001; ``trust_clip`` LARC's
+    clipping of the adapted rate at the global one) with momentum, biases and norm parameters excluded from the
+    adaptation and the weight decay, as the Barlow Twins, VICReg and BYOL references train."""
+    if name == "sgd":
+        return build_sgd(list(groups), lr, weight_decay, momentum, implementation), tuple(fixed_groups)
+    if name != "lars":
+        raise ValueError(f"--optimizer must be one of {list(WEIGHT_OPTIMIZERS)}, got {name!r}")
+    lars = lars_class()
+    if implementation == "fused":
+        raise ValueError("--optimizer_implementation fused: timm's Lars has no fused kernel; pass auto, foreach or "
+                         "for_loop with --optimizer lars")
+    split, fixed = lars_param_groups(groups, weight_decay, fixed_groups)
+    coefficient = LARS_TRUST_COEFFICIENT if trust_coefficient is None else trust_coefficient
+    optimizer = build_optimizer(lars, split, implementation, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                trust_coeff=coefficient, trust_clip=bool(trust_clip))
+    return optimizer, fixed
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:
@@ -185,6 +249,10 @@ __all__ = [
     "build_cosine_schedule",
     "build_optimizer",
     "build_sgd",
+    "build_weight_optimizer",
+    "is_excluded_from_lars",
+    "lars_class",
+    "lars_param_groups",
     "cosine_factor",
     "fused_optimizer_supported",
     "model_inputs",
@@ -192,4 +260,5 @@ __all__ = [
     "predictor_param_groups",
     "scaled_lr",
     "weight_step",
+    "WEIGHT_OPTIMIZERS",
 ]

@@ -18,11 +18,11 @@ from .arguments import (
     SearchCommand,
 )
 from .backbones import backbone_config_values, is_torchvision_backbone
-from .configuration_nasiam import FRAMEWORK_DEFAULTS, NASiamConfig
+from .configuration_nasiam import FRAMEWORK_DEFAULTS, FRAMEWORKS, NASiamConfig
 from .errors import UsageError
 from .genotype_files import genotype_source_record, genotype_values
-from .optimization import scaled_lr
-from .presets import recipe_for_policy, resolve_recipe
+from .optimization import lars_class, scaled_lr
+from .presets import RECIPE_NAMES, Recipe, recipe_for_policy, resolve_recipe
 from .search_methods import SearchVariant
 
 # Which frameworks each framework-specific flag applies to (the others would silently ignore it).
@@ -32,6 +32,13 @@ FLAG_FRAMEWORKS = {
     "momentum": ("mocov2", "byol"),
     "predictor_layers": ("simsiam", "byol"),
     "no_fix_predictor_lr": ("simsiam",),
+    "off_diagonal_weight": ("barlowtwins",),
+    "correlation_scale": ("barlowtwins",),
+    "invariance_weight": ("vicreg",),
+    "variance_weight": ("vicreg",),
+    "covariance_weight": ("vicreg",),
+    "projector_hidden_size": FRAMEWORKS,
+    "projection_dim": FRAMEWORKS,
 }
 
 
@@ -95,14 +102,22 @@ class OptimizationPlan:
     warmup_epochs: float
     max_grad_norm: float | None
     momentum: float = 0.9
+    optimizer: str = "sgd"
+    trust_coefficient: float | None = None
+    trust_clip: bool | None = None
 
     def describe(self) -> str:
         batch = f"global batch {self.global_batch}"
         if self.accumulation > 1 or self.num_processes > 1:
             batch += f" (= {self.per_device_batch} per device x {self.num_processes} processes x {self.accumulation}" \
                      " accumulated)"
+        optimizer = "SGD"
+        if self.optimizer == "lars":
+            optimizer = (f"LARS (trust coefficient {self.trust_coefficient:g}"
+                         + (", clipped" if self.trust_clip else "")
+                         + "; biases and norm parameters not adapted, no weight decay)")
         rate = LearningRate(self.lr, self.base_lr, self.global_batch, self.lr_source).describe()
-        return (f"{batch}, {rate}, weight decay {self.weight_decay:g}"
+        return (f"{batch}, {optimizer}, {rate}, weight decay {self.weight_decay:g}"
                 + (f", recipe {self.recipe}" if self.recipe else ""))
 
     def total_steps(self, feed) -> int:
@@ -125,10 +140,17 @@ class OptimizationPlan:
 
 def optimization_plan(opt: OptimizationArguments, num_processes: int, recipe: str | None, *, batch_size: int,
                       base_lr: float, weight_decay: float, epochs: int | None, warmup_epochs: float = 0.0,
-                      momentum: float = 0.9) -> OptimizationPlan:
+                      momentum: float = 0.9, optimizer: str = "sgd", trust_coefficient: float | None = None,
+                      trust_clip: bool | None = None) -> OptimizationPlan:
     """Flags over the recipe's values. The recipe's ``batch_size`` is global: without
     ``--per_device_train_batch_size`` it is divided over the processes and the accumulation steps; its ``base_lr``
-    is per 256 images of the global batch."""
+    is per 256 images of the global batch. ``--optimizer`` over the recipe's; LARS takes the recipe's trust
+    coefficient and clipping when the recipe trains with LARS, else timm's defaults (0.001, no clipping)."""
+    chosen = opt.optimizer or optimizer
+    if chosen != "lars":
+        trust_coefficient = trust_clip = None
+    elif optimizer != "lars" or trust_coefficient is None:
+        trust_coefficient, trust_clip = 0.001, False
     accumulation = opt.gradient_accumulation_steps
     batch = opt.per_device_train_batch_size or max(1, batch_size // (num_processes * accumulation))
     global_batch = batch * num_processes * accumulation
@@ -140,7 +162,8 @@ def optimization_plan(opt: OptimizationArguments, num_processes: int, recipe: st
         epochs=opt.num_train_epochs if opt.num_train_epochs is not None else epochs,
         max_train_steps=opt.max_train_steps,
         warmup_epochs=opt.num_warmup_epochs if opt.num_warmup_epochs is not None else warmup_epochs,
-        max_grad_norm=opt.max_grad_norm, momentum=momentum,
+        max_grad_norm=opt.max_grad_norm, momentum=momentum, optimizer=chosen, trust_coefficient=trust_coefficient,
+        trust_clip=trust_clip,
     )
 
 
@@ -187,10 +210,28 @@ def check_backbone_weights(model: BackboneArguments, backbone: str) -> None:
         check_weights_spec(model.backbone_weights, backbone)
 
 
+def check_optimizer_available(opt: OptimizationArguments, recipe: str | None, framework: str) -> None:
+    """Before any data: LARS needs timm, whether ``--optimizer lars`` asks for it or the recipe (the given one, else
+    either of the framework's) trains with it; a one-line error names the install."""
+    if opt.optimizer == "lars":
+        lars_class()
+    elif opt.optimizer is None:
+        names = [recipe] if recipe is not None else list(RECIPE_NAMES)
+        if any(resolve_recipe(name, framework).optimizer == "lars" for name in names):
+            lars_class(f"the {framework} recipe (LARS; --optimizer sgd to train without it)")
+
+
+def recipe_optimizer(recipe: Recipe, search: bool = False) -> dict[str, Any]:
+    """The keyword arguments of :func:`optimization_plan` that name the recipe's weight optimiser."""
+    return dict(optimizer=recipe.search.optimizer if search else recipe.optimizer,
+                trust_coefficient=recipe.lars_trust_coefficient, trust_clip=recipe.lars_trust_clip)
+
+
 def check_search_flags(command: SearchCommand) -> dict[str, Any]:
     """Before any data: flags that the chosen framework would ignore; returns the backbone's config values."""
     s = command.search
     check_objective_flags(command.objective, s.framework, predictor_layers=s.predictor_layers)
+    check_optimizer_available(command.optimization, s.recipe, s.framework)
     values = backbone_values(command.model, command.data.cache_dir)
     check_backbone_weights(command.model, command.model.backbone)
     return values
@@ -212,7 +253,7 @@ def plan_search(command: SearchCommand, policy: str, image_size: int, num_proces
         config["projector_layers"] = s.projector_layers
     if FRAMEWORK_DEFAULTS[s.framework]["predictor_layers"] and s.predictor_layers is not None:
         config["predictor_layers"] = s.predictor_layers
-    config.update({**recipe.method_values(), **command.objective.given()})
+    config.update({**recipe.head_values(), **recipe.method_values(), **command.objective.given()})
     if recipe.key_bn_splits and s.framework == "mocov2":
         config["key_bn_splits"] = recipe.key_bn_splits
     NASiamConfig(**config)  # validates the combination before anything is built
@@ -220,7 +261,7 @@ def plan_search(command: SearchCommand, policy: str, image_size: int, num_proces
         config=config,
         optimization=optimization_plan(command.optimization, num_processes, name, batch_size=block.batch_size,
                                        base_lr=block.base_lr, weight_decay=block.weight_decay, epochs=block.epochs,
-                                       momentum=block.momentum),
+                                       momentum=block.momentum, **recipe_optimizer(recipe, search=True)),
         fix_predictor_lr=block.fix_predictor_lr,
         train_portion=s.train_portion if s.train_portion is not None else block.train_portion,
         arch_optimizer=block.arch_optimizer,
@@ -250,6 +291,7 @@ def check_pretrain_flags(command: PretrainCommand) -> dict[str, Any]:
     genotype = genotype_values(command.pretrain.genotype)
     check_objective_flags(command.objective, genotype["framework"],
                           no_fix_predictor_lr=command.pretrain.no_fix_predictor_lr)
+    check_optimizer_available(command.optimization, command.pretrain.recipe, genotype["framework"])
     values = backbone_values(command.model, command.data.cache_dir)
     # the --backbone, else the genotype's, else NASiamConfig's default (a baseline preset names none)
     check_backbone_weights(command.model, values.get("backbone") or genotype.get("backbone") or "resnet18")
@@ -272,6 +314,9 @@ def plan_pretrain(command: PretrainCommand, policy: str, image_size: int, num_pr
     if is_torchvision_backbone(values.get("backbone", "resnet18")):
         values["cifar_stem"] = policy == "cifar"
         values["zero_init_residual"] = recipe.zero_init_residual and not command.model.no_zero_init_residual
+    for key, width in recipe.head_values().items():  # the genotype's own widths (a search output's) win
+        if values.get(key) is None:
+            values[key] = width
     values.update({**recipe.method_values(), **command.objective.given()})
     if recipe.key_bn_splits and framework == "mocov2":
         values["key_bn_splits"] = recipe.key_bn_splits
@@ -280,7 +325,8 @@ def plan_pretrain(command: PretrainCommand, policy: str, image_size: int, num_pr
         config=values,
         optimization=optimization_plan(command.optimization, num_processes, name, batch_size=recipe.batch_size,
                                        base_lr=recipe.base_lr, weight_decay=recipe.weight_decay, epochs=recipe.epochs,
-                                       warmup_epochs=recipe.warmup_epochs, momentum=recipe.momentum),
+                                       warmup_epochs=recipe.warmup_epochs, momentum=recipe.momentum,
+                                       **recipe_optimizer(recipe)),
         fix_predictor_lr=recipe.fix_predictor_lr and not command.pretrain.no_fix_predictor_lr,
         key_bn_splits=recipe.key_bn_splits,
     )
@@ -297,6 +343,8 @@ class FinetunePlan:
 
 def plan_finetune(command: FinetuneCommand, num_processes: int) -> FinetunePlan:
     opt = command.optimization
+    if opt.optimizer == "lars":
+        lars_class()
     plan = optimization_plan(opt, num_processes, None, batch_size=opt.per_device_train_batch_size,
                              base_lr=opt.default_base_learning_rate, weight_decay=opt.weight_decay,
                              epochs=opt.num_train_epochs)
@@ -354,6 +402,7 @@ __all__ = [
     "PretrainPlan",
     "SearchPlan",
     "check_backbone_weights",
+    "check_optimizer_available",
     "check_objective_flags",
     "check_pretrain_flags",
     "check_search_flags",

@@ -15,7 +15,9 @@ from .configuration_nasiam import NASiamConfig
 from .checkpoints import Checkpointer
 from .fileio import atomic_write_json, read_json, staged_files
 from .modeling_nasiam import NASiamForPreTraining
-from .optimization import build_cosine_schedule, build_sgd, momentum_for_step, predictor_param_groups, weight_step
+from .optimization import (
+    build_cosine_schedule, build_weight_optimizer, momentum_for_step, predictor_param_groups, weight_step,
+)
 from .plans import PretrainPlan, check_pretrain_flags, genotype_source_record, plan_pretrain
 from .feeds import num_samples, view_feed
 from .loop import StepLoop, due, restore_positions
@@ -89,7 +91,9 @@ def run_pretrain(command: PretrainCommand) -> NASiamForPreTraining:
 
     model = prepare_model_layout(model, accelerator, command.precision.channels_last, speed.torch_compile)
     groups, fixed_groups = predictor_param_groups(model.parameters(), model.nasiam.predictor, plan.fix_predictor_lr)
-    optimizer = build_sgd(groups, opt.lr, opt.weight_decay, opt.momentum, implementation=speed.optimizer_implementation)
+    optimizer, fixed_groups = build_weight_optimizer(
+        opt.optimizer, groups, opt.lr, opt.weight_decay, opt.momentum, speed.optimizer_implementation, fixed_groups,
+        opt.trust_coefficient, opt.trust_clip)
     accelerator.print(
         f"pretrain: {config.framework} / {describe_backbone_of(config)}, "
         f"projector {config.genotype('projector')}"

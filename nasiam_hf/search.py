@@ -20,7 +20,7 @@ from .configuration_nasiam import NASiamConfig
 from .fileio import atomic_write_json, staged_files
 from .modeling_nasiam import NASiamForArchitectureSearch, NASiamPreTrainingOutput
 from .optimization import (
-    as_micro_batches, build_cosine_schedule, build_optimizer, build_sgd, model_inputs, momentum_for_step,
+    as_micro_batches, build_cosine_schedule, build_optimizer, build_weight_optimizer, model_inputs, momentum_for_step,
     predictor_param_groups, weight_step,
 )
 from .plans import SearchPlan, check_search_flags, plan_search
@@ -209,7 +209,9 @@ def run_search(command: SearchCommand) -> NASiamForArchitectureSearch:
     implementation = speed.optimizer_implementation
     groups, fixed_groups = predictor_param_groups(model.weight_parameters(), model.nasiam.predictor,
                                                   plan.fix_predictor_lr)
-    weight_optimizer = build_sgd(groups, opt.lr, opt.weight_decay, opt.momentum, implementation=implementation)
+    weight_optimizer, fixed_groups = build_weight_optimizer(
+        opt.optimizer, groups, opt.lr, opt.weight_decay, opt.momentum, implementation, fixed_groups,
+        opt.trust_coefficient, opt.trust_clip)
     arch_optimizer = build_arch_optimizer(model, plan.arch_optimizer, plan.arch_lr, plan.arch_weight_decay,
                                           implementation, betas=plan.arch_betas)
     model, weight_optimizer, arch_optimizer = accelerator.prepare(model, weight_optimizer, arch_optimizer)

@@ -216,7 +216,7 @@ def head_loss(model: nn.Module, views: CachedViews, weights: Mapping[str, torch.
             t1, t2 = (model.momentum_projector(h) for h in views.momentum_features)
     queue = model.queue.keys if config.framework == "mocov2" else None
     return siamese_loss(config.framework, z1, z2, p1=p1, p2=p2, t1=t1, t2=t2, queue=queue,
-                        temperature=config.temperature)
+                        temperature=config.temperature, **config.loss_constants())
 
 
 def mean_head_loss(model: nn.Module, cached: Sequence[CachedViews],

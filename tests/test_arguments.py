@@ -300,7 +300,8 @@ def test_config_values_are_converted_and_checked_like_flags(tmp_path):
 
     base = {"dataset_name": "demo", "output_dir": str(tmp_path / "out")}
     refused = [
-        ({"framework": "nope"}, r"framework: 'nope' is not one of \['simsiam', 'simclr', 'mocov2', 'byol'\]"),
+        ({"framework": "nope"},
+         r"framework: 'nope' is not one of \['simsiam', 'simclr', 'mocov2', 'byol', 'barlowtwins', 'vicreg'\]"),
         ({"search_method": "darts+"}, r"search_method: 'darts\+' is not one of"),
         ({"seed": 1.5}, r"seed: 1.5 is not a valid value"),
         ({"seed": True}, r"seed: True is not a valid value \(a boolean"),

@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from conftest import REPO_ROOT
+from nasiam_hf import NASiamConfig
 from nasiam_hf.objectives import FRAMEWORKS, siamese_loss
 from nasiam_hf.presets import RECIPE_NAMES, Recipe, recipe_for_policy, resolve_recipe
 
@@ -23,6 +24,9 @@ ROWS = {
     "base lr per 256 images": lambda r: r.base_lr,
     "weight decay": lambda r: r.weight_decay,
     "SGD momentum": lambda r: r.momentum,
+    "optimizer": lambda r: r.optimizer,
+    "LARS trust coefficient": lambda r: r.lars_trust_coefficient,
+    "LARS trust clipping": lambda r: r.lars_trust_clip,
     "warmup epochs": lambda r: r.warmup_epochs,
     "temperature": lambda r: r.temperature,
     "queue": lambda r: r.queue_size,
@@ -30,12 +34,19 @@ ROWS = {
     "key momentum schedule": lambda r: r.key_momentum_schedule,
     "loss": lambda r: r.loss,
     "key BatchNorm groups": lambda r: r.key_bn_splits,
+    "projector width": lambda r: r.projector_width,
+    "off-diagonal weight": lambda r: r.off_diagonal_weight,
+    "loss scale": lambda r: r.correlation_scale,
+    "invariance weight": lambda r: r.invariance_weight,
+    "variance weight": lambda r: r.variance_weight,
+    "covariance weight": lambda r: r.covariance_weight,
     "zero-init residual BN": lambda r: r.zero_init_residual,
     "fixed predictor lr": lambda r: r.fix_predictor_lr,
     "search epochs": lambda r: r.search.epochs,
     "search batch": lambda r: r.search.batch_size,
     "search base lr per 256 images": lambda r: r.search.base_lr,
     "search weight decay": lambda r: r.search.weight_decay,
+    "search optimizer": lambda r: r.search.optimizer,
     "search fixed predictor lr": lambda r: r.search.fix_predictor_lr,
     "alpha optimizer": lambda r: r.search.arch_optimizer,
     "alpha lr": lambda r: r.search.arch_lr,
@@ -106,7 +117,9 @@ def test_every_recipe_field_is_in_the_tables_or_stated_once():
              "zero_init_residual", "fix_predictor_lr", "search.epochs", "search.batch_size", "search.base_lr",
              "search.weight_decay", "search.fix_predictor_lr", "search.arch_optimizer", "search.arch_lr",
              "search.arch_weight_decay", "search.train_portion", "probe.epochs", "probe.batch_size",
-             "probe.base_lr", "probe.weight_decay", "probe.feature_norm"}
+             "probe.base_lr", "probe.weight_decay", "probe.feature_norm", "optimizer", "lars_trust_coefficient",
+             "lars_trust_clip", "projector_width", "off_diagonal_weight", "correlation_scale", "invariance_weight",
+             "variance_weight", "covariance_weight", "search.optimizer"}
     assert len(shown) == len(ROWS) and fields == shown | set(CONSTANT)
     for r in (resolve_recipe(name, framework) for name in RECIPE_NAMES for framework in FRAMEWORKS):
         for key, value in CONSTANT.items():
@@ -131,6 +144,37 @@ def info_nce(q, k, queue, t):
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
 
 
+def barlow_twins(z1, z2, lam, scale):
+    """Written out entry by entry: standardise every feature over the batch, correlate, compare with the identity."""
+    def standardised(z):
+        return (z - z.mean(0)) / (z.var(0, unbiased=False) + 1e-5).sqrt()
+
+    a, b = standardised(z1), standardised(z2)
+    n, d = a.shape
+    total = 0.0
+    for i in range(d):
+        for j in range(d):
+            c = sum(a[k, i] * b[k, j] for k in range(n)) / n
+            total += (1 - c) ** 2 if i == j else lam * c ** 2
+    return scale * total
+
+
+def vicreg(z1, z2, weights):
+    """Written out feature by feature (the authors' form: variance averaged, covariance summed over the views)."""
+    n, d = z1.shape
+    invariance = ((z1 - z2) ** 2).sum() / (n * d)
+    variance = covariance = 0.0
+    for z in (z1, z2):
+        centred = z - z.mean(0)
+        for i in range(d):
+            std = ((centred[:, i] ** 2).sum() / (n - 1) + 1e-4).sqrt()
+            variance += max(0.0, 1 - std.item()) / d / 2
+            for j in range(d):
+                if i != j:
+                    covariance += ((centred[:, i] * centred[:, j]).sum() / (n - 1)) ** 2 / d
+    return weights[0] * invariance + weights[1] * variance + weights[2] * covariance
+
+
 def nt_xent(z1, z2, t):
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     logits = z @ z.T / t
@@ -146,6 +190,13 @@ LOSS_FORMS = {
     "L12 + L21": lambda z1, z2, p1, p2, t1, t2, queue, t: info_nce(z1, t2, queue, t) + info_nce(z2, t1, queue, t),
     "NT-Xent, mean over the 2B views": lambda z1, z2, p1, p2, t1, t2, queue, t: nt_xent(z1, z2, t),
 }
+# the loss forms whose constants come from the recipe (Barlow Twins' lambda and scale, VICReg's three weights)
+RECIPE_LOSS_FORMS = {
+    "scale (sum_i (1 - C_ii)^2 + lambda sum_i!=j C_ij^2)": lambda z1, z2, r: barlow_twins(
+        z1, z2, r.off_diagonal_weight, r.correlation_scale),
+    "25 I + 25 V + 1 C": lambda z1, z2, r: vicreg(z1, z2, (r.invariance_weight, r.variance_weight,
+                                                             r.covariance_weight)),
+}
 
 
 @pytest.mark.parametrize("recipe", RECIPE_NAMES)
@@ -156,8 +207,16 @@ def test_the_recipe_loss_is_what_the_objective_computes(recipe, framework):
     queue = F.normalize(tensors(1, seed=1)[0], dim=1)
     if framework == "simsiam":
         t1, t2 = z1, z2  # SimSiam's targets are the other view's projections
-    expected = LOSS_FORMS[r.loss](z1, z2, p1, p2, t1, t2, queue, r.temperature)
-    got = siamese_loss(framework, z1, z2, p1=p1, p2=p2, t1=t1, t2=t2, queue=queue, temperature=r.temperature)
+    if r.loss in RECIPE_LOSS_FORMS:
+        expected = RECIPE_LOSS_FORMS[r.loss](z1, z2, r)
+        config = NASiamConfig(framework=framework, **r.method_values())
+        assert config.loss_constants()  # the recipe's constants, under the loss function's names
+    else:
+        expected = LOSS_FORMS[r.loss](z1, z2, p1, p2, t1, t2, queue, r.temperature)
+        config = None
+    constants = config.loss_constants() if config is not None else {}
+    got = siamese_loss(framework, z1, z2, p1=p1, p2=p2, t1=t1, t2=t2, queue=queue, temperature=r.temperature,
+                       **constants)
     assert got.item() == pytest.approx(expected.item(), abs=1e-12)
 
 
@@ -182,7 +241,7 @@ def test_resolve_recipe_rejects_unknown_names_and_scales_lr():
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_every_recipe_reaches_the_pretraining_config_and_optimizer(framework, recipe, tmp_path):
     from nasiam_hf import NASiamConfig, NASiamForPreTraining, PretrainCommand
-    from nasiam_hf.optimization import build_sgd, predictor_param_groups
+    from nasiam_hf.optimization import build_weight_optimizer, predictor_param_groups
     from nasiam_hf.plans import plan_pretrain
 
     expected = resolve_recipe(recipe, framework)
@@ -201,11 +260,25 @@ def test_every_recipe_reaches_the_pretraining_config_and_optimizer(framework, re
         assert getattr(config, key) == value, key
     assert config.key_bn_splits == expected.key_bn_splits
     assert config.zero_init_residual is expected.zero_init_residual
-    model = NASiamForPreTraining(config)
+    for key, value in expected.head_values().items():  # Barlow Twins' and VICReg's projector widths
+        assert getattr(config, key) == value, key
+    # the optimizer over the same heads at a width that builds in a moment (ImageNet's 8192 does not)
+    model = NASiamForPreTraining(NASiamConfig(**{**plan.config, **{k: 16 for k in expected.head_values()}}))
     groups, fixed = predictor_param_groups(model.parameters(), model.nasiam.predictor, plan.fix_predictor_lr)
-    optimizer = build_sgd(groups, opt.lr, opt.weight_decay, opt.momentum)
-    assert all(g["lr"] == opt.lr and g["weight_decay"] == expected.weight_decay and g["momentum"] == expected.momentum
-               for g in optimizer.param_groups)
+    optimizer, fixed = build_weight_optimizer(opt.optimizer, groups, opt.lr, opt.weight_decay, opt.momentum,
+                                              fixed_groups=fixed, trust_coefficient=opt.trust_coefficient,
+                                              trust_clip=opt.trust_clip)
+    assert type(optimizer).__name__ == {"sgd": "SGD", "lars": "Lars"}[expected.optimizer]
+    lars = expected.optimizer == "lars"
+    for group in optimizer.param_groups:
+        excluded = lars and all(p.ndim == 1 for p in group["params"])
+        assert (group["lr"], group["momentum"]) == (opt.lr, expected.momentum)
+        assert group["weight_decay"] == (0.0 if excluded else expected.weight_decay)
+        if lars:
+            assert (group["trust_coeff"], group["trust_clip"]) == (expected.lars_trust_coefficient,
+                                                                    expected.lars_trust_clip)
+            assert group["always_adapt"] is not excluded
+    assert len(optimizer.param_groups) == (1 + bool(fixed)) * (2 if lars else 1)
     assert fixed == ((1,) if expected.fix_predictor_lr else ())
 
 
@@ -223,6 +296,10 @@ def test_every_recipe_reaches_the_search(framework, recipe, tmp_path):
     opt = plan.optimization
     assert (opt.global_batch, opt.base_lr, opt.weight_decay, opt.epochs, opt.momentum) == (
         block.batch_size, block.base_lr, block.weight_decay, block.epochs, block.momentum)
+    lars = block.optimizer == "lars"
+    assert (opt.optimizer, opt.trust_coefficient, opt.trust_clip) == (
+        block.optimizer, expected.lars_trust_coefficient if lars else None, expected.lars_trust_clip if lars else None)
+    assert {k: plan.config[k] for k in expected.head_values()} == expected.head_values()
     assert (plan.fix_predictor_lr, plan.train_portion) == (block.fix_predictor_lr, block.train_portion)
     assert (plan.arch_optimizer, plan.arch_lr, plan.arch_weight_decay, plan.arch_betas) == (
         block.arch_optimizer, block.arch_lr, block.arch_weight_decay, block.arch_betas)

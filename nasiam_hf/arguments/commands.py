@@ -94,7 +94,8 @@ class PretrainCommand(Command):
     """``nasiam-pretrain``: self-supervised pretraining from a genotype, with a kNN monitor."""
 
     name: ClassVar[str] = "nasiam-pretrain"
-    description: ClassVar[str] = "Pretrain a NASiam model (SimSiam, SimCLR, MoCo v2 or BYOL) from a genotype."
+    description: ClassVar[str] = (
+        "Pretrain a NASiam model (SimSiam, SimCLR, MoCo v2, BYOL, Barlow Twins or VICReg) from a genotype.")
 
     data: DataArguments = _default(DataArguments)
     pretrain: PretrainArguments = _default(PretrainArguments)

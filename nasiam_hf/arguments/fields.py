@@ -6,7 +6,8 @@ import json
 from dataclasses import field
 from typing import Any, Literal
 
-FRAMEWORK_CHOICES = Literal["simsiam", "simclr", "mocov2", "byol"]
+FRAMEWORK_CHOICES = Literal["simsiam", "simclr", "mocov2", "byol", "barlowtwins", "vicreg"]
+OPTIMIZER_CHOICES = Literal["sgd", "lars"]
 SEARCH_METHODS = Literal["darts", "darts-minus", "beta-darts"]
 DISCRETIZATIONS = Literal["argmax", "perturbation"]
 RECIPE_CHOICES = Literal["cifar", "imagenet"]

@@ -51,7 +51,8 @@ class PretrainBackboneArguments(BackboneArguments):
 
 @dataclass(frozen=True)
 class ObjectiveArguments:
-    """Constants of the siamese objective; unset values come from the recipe and the framework."""
+    """Constants of the siamese objective and the projector's widths; unset values come from the recipe and the
+    framework (or, for the widths, the genotype)."""
 
     _argument_group_name: ClassVar[str] = "objective"
 
@@ -59,12 +60,30 @@ class ObjectiveArguments:
     queue_size: int | None = flag(None, "MoCo v2 queue length (default: recipe; 4096 on CIFAR, 65536 on ImageNet).")
     momentum: float | None = flag(
         None, "MoCo v2 key-encoder momentum, or BYOL's base EMA momentum (it rises to 1 along a cosine).")
+    off_diagonal_weight: float | None = flag(
+        None, "Barlow Twins: weight of the off-diagonal cross-correlations, the paper's lambda (default 5e-3).")
+    correlation_scale: float | None = flag(
+        None, "Barlow Twins: a constant factor on the loss (default: recipe; 0.1 on CIFAR, 0.024 on ImageNet).")
+    invariance_weight: float | None = flag(None, "VICReg: weight of the invariance (MSE) term (default 25).")
+    variance_weight: float | None = flag(None, "VICReg: weight of the variance hinge (default 25).")
+    covariance_weight: float | None = flag(None, "VICReg: weight of the covariance term (default 1).")
+    projector_hidden_size: int | None = flag(
+        None, "Width of the projector's layers (default: the genotype's, else the recipe's for Barlow Twins and "
+              "VICReg, 2048 on CIFAR and 8192 on ImageNet, else the framework's).")
+    projection_dim: int | None = flag(
+        None, "Width of the projector's output, the embedding (default: as --projector_hidden_size; SimSiam 2048, "
+              "BYOL 256, SimCLR and MoCo v2 128).")
 
     def __post_init__(self):
         _positive("temperature", self.temperature, 0, strict=True)
         _positive("queue_size", self.queue_size)
         if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"--momentum must be in [0, 1), got {self.momentum!r}")
+        for name in ("off_diagonal_weight", "invariance_weight", "variance_weight", "covariance_weight"):
+            _positive(name, getattr(self, name), 0)
+        _positive("correlation_scale", self.correlation_scale, 0, strict=True)
+        _positive("projector_hidden_size", self.projector_hidden_size)
+        _positive("projection_dim", self.projection_dim)
 
     def given(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}

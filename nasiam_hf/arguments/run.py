@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from .fields import FEATURE_NORMS, RECIPE_CHOICES, _positive, check_learning_rates, flag, parse_every
+from .fields import FEATURE_NORMS, OPTIMIZER_CHOICES, RECIPE_CHOICES, _positive, check_learning_rates, flag, \
+    parse_every
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class OptimizationArguments:
     num_warmup_epochs: float | None = flag(
         None, "Linear warm-up before the cosine schedule, in epochs (default: recipe).")
     max_grad_norm: float | None = flag(None, "Clip the gradient norm of each update to this value (default: off).")
+    optimizer: OPTIMIZER_CHOICES | None = flag(
+        None, "Weight optimizer: 'sgd' (momentum 0.9) or 'lars' (timm's Lars, momentum 0.9; biases and norm "
+              "parameters excluded from its adaptation and from weight decay; needs timm). Default: the recipe's "
+              "(LARS for Barlow Twins and VICReg, SGD otherwise). The search's alphas keep their Adam-type optimizer.")
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

@@ -11,9 +11,11 @@ CITATION = """@article{heuillet2023nasiam,
   year={2023}
 }"""
 
-FRAMEWORK_NAMES = {"simsiam": "SimSiam", "simclr": "SimCLR", "mocov2": "MoCo v2", "byol": "BYOL"}
+FRAMEWORK_NAMES = {"simsiam": "SimSiam", "simclr": "SimCLR", "mocov2": "MoCo v2", "byol": "BYOL",
+                   "barlowtwins": "Barlow Twins", "vicreg": "VICReg"}
 BACKBONE_NAMES = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50"}
-OUTPUT_LAYER_NAMES = {"linear_bn": "Linear + BN(affine=False)", "linear": "Linear"}
+OUTPUT_LAYER_NAMES = {"linear_bn": "Linear + BN(affine=False)", "linear": "Linear",
+                      "linear_no_bias": "Linear (no bias)"}
 
 DATASET_PRETTY_NAMES = {
     "uoft-cs/cifar10": "CIFAR-10", "uoft-cs/cifar100": "CIFAR-100", "ILSVRC/imagenet-1k": "ImageNet-1k",
