@@ -356,10 +356,10 @@ def throughput_record(result: dict) -> dict:
 
 
 def search_record(folder: Path) -> dict:
-    from search_value import layer_confidence  # one definition of the per-layer confidence
+    from search_value import search_confidence  # one definition of the per-layer confidence
 
     history = json.loads((folder / "search_history.json").read_text())
-    return {"genotype": json.loads((folder / "genotype.json").read_text()), "confidence": layer_confidence(history),
+    return {"genotype": json.loads((folder / "genotype.json").read_text()), "confidence": search_confidence(folder),
             "epochs_done": len(history["epochs"])}
 
 

@@ -195,21 +195,14 @@ def common_flags(p: Protocol, seed: int) -> list[str]:
     return flags
 
 
-def layer_confidence(history: dict) -> dict:
-    """Per searched layer, from the last epoch's op weights: the chosen op, its weight, its margin over the runner-up
-    and the entropy of the layer's weights relative to uniform (1: undecided)."""
-    weights = history["epochs"][-1]["op_weights"]
-    ops = history["ops"]
-    out = {}
-    for cell, layers in weights.items():
-        rows = []
-        for w in layers:
-            order = sorted(range(len(w)), key=lambda i: -w[i])
-            entropy = -sum(x * math.log(x) for x in w if x > 0) / math.log(len(w))
-            rows.append({"op": ops[order[0]], "weight": round(w[order[0]], 4),
-                         "margin": round(w[order[0]] - w[order[1]], 4), "relative_entropy": round(entropy, 4)})
-        out[cell] = rows
-    return out
+def search_confidence(search_dir: Path) -> dict:
+    """Per searched layer, the package's own confidence record (:func:`nasiam_hf.confidence.genotype_confidence`)
+    from the last epoch's op weights and the genotype the search chose."""
+    from nasiam_hf.confidence import genotype_confidence
+
+    history = json.loads((search_dir / "search_history.json").read_text())
+    genotype = json.loads((search_dir / "genotype.json").read_text())
+    return genotype_confidence(history["epochs"][-1]["op_weights"], history["ops"], genotype=genotype)
 
 
 def run_arm(p: Protocol, arm: str, seed: int, root: Path, resume: bool) -> RunRecord:
@@ -228,7 +221,7 @@ def run_arm(p: Protocol, arm: str, seed: int, root: Path, resume: bool) -> RunRe
                                                      folder / "search.log")
             genotype = str(search_dir)
             record.genotype = json.loads((search_dir / "genotype.json").read_text())
-            record.confidence = layer_confidence(json.loads((search_dir / "search_history.json").read_text()))
+            record.confidence = search_confidence(search_dir)
         else:
             record.genotype = genotype
         model_dir = folder / "pretrain"
@@ -367,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="runs/search_value", help="Where every stage writes its folder.")
     parser.add_argument("--train_file", default=None, help="Default: ../shared/data/cifar10/train.parquet.")
     parser.add_argument("--test_file", default=None, help="Default: ../shared/data/cifar10/test.parquet.")
-    parser.add_argument("--framework", default="simclr", choices=("simsiam", "simclr", "mocov2", "byol"),
+    parser.add_argument("--framework", default="simclr",
+                        choices=("simsiam", "simclr", "mocov2", "byol", "barlowtwins", "vicreg"),
                         help="The framework whose heads are searched.")
     parser.add_argument("--arms", nargs="+", default=None,
                         help=f"'baseline' first, then search variants among {', '.join(ROBUST_FLAGS)}.")

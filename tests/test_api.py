@@ -155,7 +155,7 @@ REFUSED = [  # (function, keywords beyond the required ones, the message)
     (nasiam_hf.finetune, dict(train_dir=3), r"train_dir=3 is of type int; it takes a string"),
     (nasiam_hf.finetune, dict(seed=None), r"seed=None is not allowed; it takes an int \(default 42\)"),
     (nasiam_hf.search, dict(framework="simclrr"), r"framework: invalid choice 'simclrr' \(choose from simsiam, "
-                                                  r"simclr, mocov2, byol\); did you mean 'simclr'\?"),
+                                                  r"simclr, mocov2, byol, barlowtwins, vicreg\); did you mean 'simclr'\?"),
     (nasiam_hf.linear_eval, dict(feature_norm="batchnom"), r"feature_norm: invalid choice 'batchnom' \(choose "
                                                            r"from batchnorm, none\); did you mean 'batchnorm'\?"),
     (nasiam_hf.pretrain, dict(learning_rate=0.1, base_learning_rate=0.2), r"pass --learning_rate .* or "

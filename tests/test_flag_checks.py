@@ -65,7 +65,7 @@ CASES = [
     (search, "--hub_revision dev", ["--hub_revision", "--push_to_hub and --push_checkpoints only"]),
     # parsing errors: one line, with the closest choice or flag, never the usage (issue 19)
     (search, "--framework simclrr", ["error: argument --framework: invalid choice 'simclrr' (choose from simsiam, "
-                                     "simclr, mocov2, byol); did you mean 'simclr'? (see --help)"]),
+                                     "simclr, mocov2, byol, barlowtwins, vicreg); did you mean 'simclr'? (see --help)"]),
     (search, "--search_method darts_minus", ["argument --search_method: invalid choice 'darts_minus'",
                                              "did you mean 'darts-minus'?"]),
     (pretrain, "--recipe cifra", ["argument --recipe: invalid choice 'cifra' (choose from cifar, imagenet); did you "
@@ -75,8 +75,8 @@ CASES = [
                                               "did you mean 'batchnorm'?"]),
     (finetune, "--on_bad_image skp", ["argument --on_bad_image: invalid choice 'skp' (choose from error, skip); "
                                       "did you mean 'skip'?"]),
-    (pretrain, "--genotype simclr-basline", ["--genotype 'simclr-basline' is neither a folder nor a preset; did you "
-                                             "mean 'simclr-baseline'?"]),
+    (pretrain, "--genotype simclr-basline", ["--genotype 'simclr-basline' is neither a folder nor a preset (nor a "
+                                             ".json genotype file); did you mean 'simclr-baseline'?"]),
     (search, "--learning_rat 0.1", ["error: unrecognized arguments: --learning_rat 0.1; --learning_rat: did you "
                                     "mean '--learning_rate'? (see --help)"]),
     (linear_eval, "--knn_kk 5", ["unrecognized arguments: --knn_kk 5; --knn_kk: did you mean '--knn_k'?"]),

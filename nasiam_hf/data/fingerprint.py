@@ -103,7 +103,8 @@ def hub_revision(repo_id: str) -> str | None:
 
     from ..network import offline_mode
 
-    if not offline_mode("HF_DATASETS_OFFLINE"):
+    datasets_offline = os.environ.get("HF_DATASETS_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    if not (offline_mode() or datasets_offline):
         try:
             return HfApi().dataset_info(repo_id, timeout=10).sha
         except Exception:  # noqa: BLE001 - unreachable, private, missing: the loader says which
