@@ -182,10 +182,7 @@ class ShardBatches(torch.utils.data.Dataset):
         keys, images, labels, bad = [], [], [], 0
         try:
             for key, encoded, label, where in self.source.read(start, stop):
-                if isinstance(encoded, BadImageError) and self.on_bad_image != "skip":
-                    raise encoded
-                image = None if isinstance(encoded, BadImageError) else decode_or_skip(encoded, where,
-                                                                                       self.on_bad_image)
+                image = decode_or_skip(encoded, where, self.on_bad_image)
                 if image is None:
                     bad += 1
                     continue

@@ -8,6 +8,7 @@ architecture step. MoCo v2's key encoder runs through :func:`shuffled_key_encode
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 
@@ -69,16 +70,32 @@ def full(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _outside_autocast(loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run ``loss`` with autocast off. :func:`full` lifts its inputs to float32, but under an active autocast (the
+    model's forward runs in one) the matrix products would still run in half precision: bf16 keeps 3 significant
+    digits, too few for Barlow Twins' ``1 - C_ii`` or for logits divided by a temperature."""
+
+    @functools.wraps(loss)
+    def in_float32(*args, **kwargs):
+        tensor = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        with torch.autocast(device_type=tensor.device.type, enabled=False):
+            return loss(*args, **kwargs)
+
+    return in_float32
+
+
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """D(p, z) = -cos(p, stopgrad(z)), averaged over the batch (the paper's Eq. 3)."""
     return -F.cosine_similarity(full(p), full(z.detach()), dim=-1).mean()
 
 
+@_outside_autocast
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     """Symmetric SimSiam loss (the paper's Eq. 2): in [-1, 1], -1 when predictions match the other view."""
     return 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
 
 
+@_outside_autocast
 def byol_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
     """BYOL's symmetric loss scaled for SGD: ``0.5 (D(p1, t2) + D(p2, t1))`` against the momentum targets, in
     [-1, 1].
@@ -90,6 +107,7 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Te
     return 0.5 * (negative_cosine(p1, t2) + negative_cosine(p2, t1))
 
 
+@_outside_autocast
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR's NT-Xent over the global batch: local queries against the keys of every rank.
 
@@ -119,6 +137,7 @@ def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
+@_outside_autocast
 def mocov2_loss(q1, q2, k1, k2, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric MoCo v2 loss ``L12 + L21``: each view's query against the other view's momentum key, summed.
 
@@ -145,6 +164,7 @@ def _off_diagonal(square: torch.Tensor) -> torch.Tensor:
     return square.masked_fill(eye, 0.0)
 
 
+@_outside_autocast
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, off_diagonal_weight: float = OFF_DIAGONAL_WEIGHT,
                       scale: float = CORRELATION_SCALE) -> torch.Tensor:
     """Barlow Twins: ``scale * (sum_i (1 - C_ii)^2 + off_diagonal_weight * sum_{i != j} C_ij^2)``, where ``C`` is the
@@ -162,6 +182,7 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, off_diagonal_weight: f
     return scale * (on_diagonal + off_diagonal_weight * off_diagonal)
 
 
+@_outside_autocast
 def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, invariance_weight: float = INVARIANCE_WEIGHT,
                 variance_weight: float = VARIANCE_WEIGHT, covariance_weight: float = COVARIANCE_WEIGHT,
                 variance_target: float = VARIANCE_TARGET, eps: float = VARIANCE_EPS) -> torch.Tensor:

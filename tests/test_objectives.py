@@ -55,6 +55,19 @@ def test_losses_keep_float64_and_lift_half_precision():
     assert nt_xent_loss(z1.bfloat16(), z2.bfloat16(), 0.5).dtype == torch.float32
 
 
+@pytest.mark.parametrize("framework", ["simsiam", "byol", "simclr", "mocov2", "barlowtwins", "vicreg"])
+def test_an_active_autocast_leaves_every_loss_in_float32(framework):
+    """The model's forward runs under autocast; the loss inside it must not: the same float32 embeddings give the
+    same loss, to the bit, with a bf16 autocast active or not (the matrix products were bf16 before)."""
+    z1, z2, p1, p2, t1, t2, queue = [t.float() for t in tensors(*[(16, 64)] * 6, (32, 64))]
+    z2 = z1 + 0.1 * z2  # close views, where half precision loses the most
+    kwargs = dict(p1=p1, p2=p2, t1=t1, t2=t2, queue=F.normalize(queue, dim=1), temperature=0.2)
+    expected = siamese_loss(framework, z1, z2, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = siamese_loss(framework, z1, z2, **kwargs)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
 def test_siamese_loss_dispatches_to_each_objective():
     z1, z2, p1, p2, t1, t2, queue = tensors(*[(4, 3)] * 6, (5, 3))
     assert torch.equal(siamese_loss("simsiam", z1, z2, p1=p1, p2=p2), simsiam_loss(p1, p2, z1, z2))

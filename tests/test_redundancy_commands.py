@@ -79,7 +79,10 @@ def test_the_one_call_api_searches_pretrains_and_embeds(tiny_parquet, tmp_path):
                 projector_hidden_size=32, projection_dim=16)
     searched = nasiam_hf.search(train_file=train, framework="vicreg", projector_layers=2, output_dir=tmp_path / "s",
                                 hessian_every=0, **tiny)
-    assert searched.model.config.framework == "vicreg" and list(searched.metrics["genotype"]) == ["projector"]
+    genotype = searched.metrics["genotype"]  # these methods have no predictor
+    assert searched.model.config.framework == "vicreg"
+    assert len(genotype["projector"]) == 2 and genotype["predictor"] is None
+    assert list(genotype["confidence"]) == ["projector"] and len(genotype["confidence"]["projector"]) == 2
     pretrained = nasiam_hf.pretrain(train_file=train, validation_file=test, genotype=str(tmp_path / "s"),
                                     output_dir=tmp_path / "m", knn_k=5, optimizer="sgd", **tiny)
     assert pretrained.model.config.framework == "vicreg" and 0 <= pretrained.metrics["knn_top1"] <= 100

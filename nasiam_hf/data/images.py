@@ -160,8 +160,11 @@ def decode_image(value: Any, where: str | Callable[[], str]) -> PILImage.Image:
 
 
 def decode_or_skip(value: Any, where: str | Callable[[], str], on_bad_image: str) -> PILImage.Image | None:
-    """:func:`decode_image`, or None for a bad image when ``on_bad_image == "skip"``."""
+    """:func:`decode_image`, or None for a bad image when ``on_bad_image == "skip"``. ``value`` may be the
+    :class:`BadImageError` a reader put in place of an image it could not find (a webdataset sample without one)."""
     try:
+        if isinstance(value, BadImageError):
+            raise value
         return decode_image(value, where)
     except BadImageError:
         if on_bad_image == "skip":

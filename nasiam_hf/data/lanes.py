@@ -221,12 +221,7 @@ def _lane_batches(plan: EpochPlan, lane: int, seed: int) -> Iterator[list[dict]]
     skip_bad, decode = plan.on_bad_image == "skip", plan.mode == "decode"
     batch, bad = [], 0
     for done, key, where, encoded, label in rows(plan, lane):
-        if isinstance(encoded, BadImageError):
-            if not skip_bad:
-                raise encoded
-            image = None
-        else:
-            image = decode_or_skip(encoded, where, plan.on_bad_image)
+        image = decode_or_skip(encoded, where, plan.on_bad_image)
         if image is None:
             bad += 1
             continue

@@ -172,10 +172,7 @@ class ImageStream:
                 rows = [(encoded, f"{self.where}, sample {keys[p]!r}")
                         for (encoded, _), p in zip(self.source.read_rows(unit, positions), positions)]
             for encoded, where in rows:
-                if isinstance(encoded, BadImageError) and self.on_bad_image != "skip":
-                    raise encoded
-                image = None if isinstance(encoded, BadImageError) else decode_or_skip(encoded, where,
-                                                                                        self.on_bad_image)
+                image = decode_or_skip(encoded, where, self.on_bad_image)
                 if image is None:
                     bad += 1
                 else:
