@@ -196,7 +196,8 @@ def test_cpu_smoke_runs_both_arms_and_reports_the_paired_knn(smoke_run):
     baseline, searched = (json.loads((out / arm / "training_args.json").read_text()) for arm in ("baseline",
                                                                                                   "searched"))
     differing = {key for key in baseline.keys() | searched.keys() if baseline.get(key) != searched.get(key)}
-    assert differing == {"genotype", "output_dir", "resolved", "timestamp_utc"}
+    assert differing == {"genotype", "genotype_source", "output_dir", "resolved", "timestamp_utc"}
+    assert searched["genotype_source"]["kind"] == "search" and "genotype_source" not in baseline  # a preset has none
     assert baseline["resolved"]["optimization"] == searched["resolved"]["optimization"]
     assert baseline["learning_rate"] is None  # the recipe's rate: no learning-rate flag is passed
     # the JSON is also in the output folder, and the archive holds the logs and histories
