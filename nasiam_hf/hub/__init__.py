@@ -39,7 +39,8 @@ from .card_rows import model_name_of
 from .diagram import plot_genotype
 from .metadata import package_versions, redact_secrets, save_run_metadata
 from .names import CITATION
-from .plots import OP_COLOURS, op_colour, plot_search_history, plot_training_history
+from .plots import OP_COLOURS, op_colour, plot_training_history
+from .search_plots import plot_search_history
 from .push import DEFAULT_IGNORE_PATTERNS, offline_mode, push_folder_to_hub
 
 __all__ = [

@@ -228,10 +228,3 @@ def save_figures(figures: Mapping[str, "Figure"], folder: str | os.PathLike) -> 
 def plot_training_history(history: Mapping, folder: str | os.PathLike) -> list[Path]:
     """Write the figures of :func:`training_figures` into ``folder``; returns their paths."""
     return save_figures(training_figures(history), folder)
-
-
-def plot_search_history(history: Mapping, folder: str | os.PathLike) -> list[Path]:
-    """Write the figures of :func:`nasiam_hf.hub.search_plots.search_figures` into ``folder``."""
-    from .search_plots import search_figures
-
-    return save_figures(search_figures(history), folder)

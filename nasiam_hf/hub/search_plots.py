@@ -3,13 +3,15 @@ weights of every layer, the losses, how sure the genotype is, and the signs of a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..confidence import DECIDED_MAX_RELATIVE_ENTROPY, DECIDED_MIN_MARGIN, genotype_confidence
 from .plots import (
     _check_epochs, _epoch_series, _legend_below, _line_style, _new_figure, _number, _step_series, _x_axis, op_colour,
-    short_run,
+    save_figures, short_run,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -213,5 +215,10 @@ def search_figures(history: Mapping) -> dict[str, "Figure"]:
             "search_diagnostics.png": diagnostics_figure(epochs)}
 
 
+def plot_search_history(history: Mapping, folder: str | os.PathLike) -> list[Path]:
+    """Write the figures of :func:`search_figures` into ``folder``; returns their paths."""
+    return save_figures(search_figures(history), folder)
+
+
 __all__ = ["alphas_figure", "confidence_figure", "decided_series", "diagnostics_figure", "final_confidence",
-           "loss_figure", "search_figures"]
+           "loss_figure", "plot_search_history", "search_figures"]
